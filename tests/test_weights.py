@@ -1,0 +1,179 @@
+"""Every loading variant of Hugging Face checkpoints, the export round trip, and every error."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from conftest import TINY_CONFIGS, hf_model
+from gpt2engine import GPT2, GPT2EngineError
+
+CONFIG = TINY_CONFIGS["odd-heads"]
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return hf_model(**CONFIG)
+
+
+@pytest.fixture
+def checkpoint(tmp_path, reference):
+    reference.save_pretrained(tmp_path)
+    return tmp_path
+
+
+def hf_tensors(reference, prefix=True, mask_buffers=False):
+    """The reference's weights as a checkpoint dict, as old or unprefixed checkpoints hold them."""
+    state = {k: v.clone() for k, v in reference.state_dict().items()}
+    if mask_buffers:
+        for i in range(CONFIG["n_layer"]):
+            state[f"transformer.h.{i}.attn.bias"] = torch.tril(torch.ones(1, 1, 64, 64))
+            state[f"transformer.h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    if not prefix:
+        state = {k.removeprefix("transformer."): v for k, v in state.items()}
+    return state
+
+
+def write_config(folder, **changes):
+    (folder / "config.json").write_text(json.dumps({"model_type": "gpt2", **CONFIG, **changes}))
+
+
+def assert_same_logits(folder, reference):
+    ids = torch.randint(0, CONFIG["vocab_size"], (2, 30))
+    with torch.inference_mode():
+        assert (GPT2.from_pretrained(folder)(ids) - reference(ids).logits).abs().max() <= 1e-4
+
+
+def snapshot(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_safetensors(checkpoint, reference):
+    assert (checkpoint / "model.safetensors").is_file()
+    assert_same_logits(checkpoint, reference)
+
+
+@pytest.mark.parametrize("prefix", [True, False], ids=["transformer-prefix", "no-prefix"])
+def test_pytorch_model_bin_with_mask_buffers(tmp_path, reference, prefix):
+    torch.save(hf_tensors(reference, prefix, mask_buffers=True), tmp_path / "pytorch_model.bin")
+    write_config(tmp_path)
+    assert_same_logits(tmp_path, reference)
+
+
+def test_safetensors_without_prefix(tmp_path, reference):
+    save_file(hf_tensors(reference, prefix=False), tmp_path / "model.safetensors")
+    write_config(tmp_path, n_ctx=CONFIG["n_positions"])
+    assert_same_logits(tmp_path, reference)
+
+
+def test_sharded_safetensors(tmp_path, reference):
+    reference.save_pretrained(tmp_path, max_shard_size="30KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
+    assert_same_logits(tmp_path, reference)
+
+
+def test_sharded_pytorch_model_bin(tmp_path, reference):
+    state = hf_tensors(reference)
+    keys = sorted(state)
+    shards = {"pytorch_model-00001-of-00002.bin": keys[: len(keys) // 2],
+              "pytorch_model-00002-of-00002.bin": keys[len(keys) // 2 :]}
+    for name, shard_keys in shards.items():
+        torch.save({k: state[k] for k in shard_keys}, tmp_path / name)
+    weight_map = {k: name for name, shard_keys in shards.items() for k in shard_keys}
+    (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    write_config(tmp_path)
+    assert_same_logits(tmp_path, reference)
+
+
+def test_dtype_and_single_copy_of_weights(checkpoint):
+    model = GPT2.from_pretrained(checkpoint, dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert not any(p.is_meta for p in model.parameters())
+    assert model.h[0].attn.c_attn.weight.shape == (3 * 42, 42)  # Linear layout after transpose
+
+
+def test_save_round_trip_loads_in_transformers(tmp_path, checkpoint, reference):
+    import transformers
+
+    GPT2.from_pretrained(checkpoint).save_pretrained(tmp_path / "export")
+    reloaded = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "export").eval()
+    ids = torch.randint(0, CONFIG["vocab_size"], (2, 30))
+    with torch.inference_mode():
+        assert torch.equal(reloaded(ids).logits, reference(ids).logits)
+    assert_same_logits(tmp_path / "export", reference)
+
+
+def test_save_refuses_to_overwrite(checkpoint):
+    before = snapshot(checkpoint)
+    with pytest.raises(GPT2EngineError, match=r"config.json already exists; refusing to overwrite"):
+        GPT2.from_pretrained(checkpoint).save_pretrained(checkpoint)
+    assert snapshot(checkpoint) == before
+    assert [p.name for p in checkpoint.iterdir() if p.name.startswith(".")] == []
+
+
+def test_wrong_shape_names_tensor_expected_and_actual(tmp_path, reference):
+    state = hf_tensors(reference)
+    state["transformer.h.1.mlp.c_fc.weight"] = torch.zeros(42, 100)
+    save_file(state, tmp_path / "model.safetensors")
+    write_config(tmp_path)
+    with pytest.raises(GPT2EngineError, match=r"transformer.h.1.mlp.c_fc.weight: expected shape "
+                                              r"\(42, 168\), found \(42, 100\)"):
+        GPT2.from_pretrained(tmp_path)
+
+
+def test_checkpoint_for_another_config(checkpoint):
+    write_config(checkpoint, n_layer=3)
+    with pytest.raises(GPT2EngineError, match=r"missing tensor transformer.h.2.\S+ \(expected shape"):
+        GPT2.from_pretrained(checkpoint)
+
+
+def test_unexpected_tensor(tmp_path, reference):
+    state = hf_tensors(reference) | {"transformer.h.0.attn.rotary": torch.zeros(3)}
+    save_file(state, tmp_path / "model.safetensors")
+    write_config(tmp_path)
+    with pytest.raises(GPT2EngineError, match=r"unexpected tensor transformer.h.0.attn.rotary "
+                                              r"of shape \(3,\)"):
+        GPT2.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("weights", ["model.safetensors", "pytorch_model.bin"])
+def test_corrupt_weight_file(tmp_path, checkpoint, reference, weights):
+    torch.save(hf_tensors(reference), checkpoint / "pytorch_model.bin")
+    (checkpoint / "model.safetensors").unlink()
+    data = (checkpoint / "pytorch_model.bin").read_bytes()
+    (checkpoint / weights).write_bytes(data[: len(data) // 3])
+    with pytest.raises(GPT2EngineError, match=rf"{weights}: not a readable weight file"):
+        GPT2.from_pretrained(checkpoint)
+
+
+def test_pickled_code_is_refused(tmp_path, reference):
+    torch.save({"payload": shutil.rmtree}, tmp_path / "pytorch_model.bin")  # not a tensor
+    write_config(tmp_path)
+    with pytest.raises(GPT2EngineError, match="pytorch_model.bin: not a readable weight file"):
+        GPT2.from_pretrained(tmp_path)
+
+
+def test_missing_shard(tmp_path, reference):
+    reference.save_pretrained(tmp_path, max_shard_size="30KB")
+    next(iter(sorted(tmp_path.glob("model-*.safetensors")))).unlink()
+    with pytest.raises(GPT2EngineError, match=r"shard model-00001-of-\d+.safetensors is missing"):
+        GPT2.from_pretrained(tmp_path)
+
+
+def test_folder_without_weights_or_config(tmp_path):
+    write_config(tmp_path)
+    with pytest.raises(GPT2EngineError, match="no weights found"):
+        GPT2.from_pretrained(tmp_path)
+    (tmp_path / "config.json").unlink()
+    with pytest.raises(GPT2EngineError, match=r"config.json: no such file"):
+        GPT2.from_pretrained(tmp_path)
+
+
+def test_missing_folder_and_file_instead_of_folder(tmp_path, checkpoint):
+    with pytest.raises(GPT2EngineError, match="no such folder"):
+        GPT2.from_pretrained(tmp_path / "nowhere" / "model")
+    with pytest.raises(GPT2EngineError, match="is a file; pass the checkpoint's folder"):
+        GPT2.from_pretrained(checkpoint / "model.safetensors")
