@@ -1,0 +1,184 @@
+"""The `gpt2` command as a user runs it: the REPL through a real pseudo-terminal, one-shot
+mode, export, and every mistake giving one line and a non-zero exit."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pexpect
+import pytest
+import torch
+
+from gpt2engine import GPT2, Tokenizer
+from gpt2engine.cli import BANNER, PROMPT
+from gpt2engine.generate import GenerationOptions, complete
+from gpt2engine.sampling import SamplingParams
+
+GPT2_COMMAND = str(Path(sys.executable).parent / "gpt2")
+GREEDY_FLAGS = ["--temperature", "0", "--max-new-tokens", "12", "--ignore-eos"]
+
+
+def run(*args, stdin=None):
+    return subprocess.run([GPT2_COMMAND, *args], input=stdin, capture_output=True, text=True,
+                          timeout=120)
+
+
+def expected_text(checkpoint, prompt, **options):
+    model, tokenizer = GPT2.from_pretrained(checkpoint), Tokenizer.from_pretrained(checkpoint)
+    options = GenerationOptions(**{"max_new_tokens": 12, "ignore_eos": True,
+                                   "sampling": SamplingParams(temperature=0), **options})
+    return complete(model, tokenizer, [prompt], options)[0]
+
+
+@pytest.fixture
+def repl(tiny_checkpoint):
+    child = pexpect.spawn(GPT2_COMMAND, ["--model", str(tiny_checkpoint), *GREEDY_FLAGS],
+                          encoding="utf-8", timeout=60, dimensions=(40, 500))
+    child.expect_exact(BANNER)
+    child.expect_exact(PROMPT)
+    yield child
+    child.close(force=True)
+
+
+def assert_exits_cleanly(child):
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0, child.before
+    assert "Traceback" not in child.before
+
+
+def test_repl_streams_the_answer_then_asks_again(repl, tiny_checkpoint):
+    answer = expected_text(tiny_checkpoint, "Hello there").text
+    repl.sendline("Hello there")
+    repl.expect_exact(PROMPT)
+    assert answer.replace("\n", "\r\n") in repl.before
+    repl.sendline("")  # an empty prompt is ignored
+    repl.expect_exact(PROMPT)
+    assert repl.before.strip() == ""
+    repl.sendline("exit")
+    assert_exits_cleanly(repl)
+
+
+@pytest.mark.parametrize("leave", ["quit", "exit", "  quit  ", "ctrl-d", "ctrl-c"])
+def test_repl_leaves_cleanly(repl, leave):
+    if leave == "ctrl-d":
+        repl.sendeof()
+    elif leave == "ctrl-c":
+        repl.sendintr()
+    else:
+        repl.sendline(leave)
+    assert_exits_cleanly(repl)
+
+
+def test_ctrl_c_during_an_answer_stops_only_that_answer(make_checkpoint):
+    long_context = make_checkpoint(n_embd=32, n_layer=2, n_head=4, n_positions=4096, vocab_size=50257)
+    child = pexpect.spawn(GPT2_COMMAND, ["--model", str(long_context), "--max-new-tokens", "4000",
+                                         "--ignore-eos", "--seed", "0"],
+                          encoding="utf-8", timeout=60)
+    child.expect_exact(PROMPT)
+    child.sendline("Tell me a long story")
+    child.expect(r"\S{3}")  # the answer has started streaming
+    child.sendintr()
+    child.expect_exact("[interrupted]")
+    child.expect_exact(PROMPT)
+    child.sendline("quit")
+    assert_exits_cleanly(child)
+
+
+def test_repl_reports_a_prompt_that_is_too_long_and_goes_on(repl):
+    repl.sendline("word" + " word" * 130)
+    repl.expect_exact("exceeds the model's context of 128")
+    repl.expect_exact(PROMPT)
+    repl.sendline("quit")
+    assert_exits_cleanly(repl)
+
+
+def test_generate_prints_the_continuation(tiny_checkpoint):
+    result = run("generate", "Hello there", "--model", str(tiny_checkpoint), *GREEDY_FLAGS)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == expected_text(tiny_checkpoint, "Hello there").text + "\n"
+
+
+def test_generate_reads_stdin_and_prints_json(tiny_checkpoint):
+    result = run("generate", "-", "--json", "--model", str(tiny_checkpoint), *GREEDY_FLAGS,
+                 stdin="A prompt from a pipe\n")
+    expected = expected_text(tiny_checkpoint, "A prompt from a pipe\n")
+    assert json.loads(result.stdout) == {
+        "model": str(tiny_checkpoint), "text": expected.text, "finish_reason": "length",
+        "prompt_tokens": expected.prompt_tokens, "completion_tokens": 12,
+    }
+
+
+def test_generate_stop_string_and_stats(tiny_checkpoint):
+    free = expected_text(tiny_checkpoint, "Hello").text
+    stop = free[5:9]
+    result = run("generate", "Hello", "--model", str(tiny_checkpoint), *GREEDY_FLAGS,
+                 "--stop", stop, "--stats")
+    assert result.stdout == free[: free.index(stop)] + "\n"
+    assert "tokens/s, first token after" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [(["--temperature", "-1"], "temperature must be >= 0"), (["--top-p", "1.5"], "top_p must be"),
+     (["--top-k", "x"], "argument --top-k: invalid int value: 'x'"),
+     (["--max-new-tokens", "0"], "max_new_tokens must be >= 1"),
+     (["--dtype", "int8"], "argument --dtype: invalid choice"),
+     (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+     (["generate"], "the following arguments are required: PROMPT")],
+)
+def test_bad_flags_are_one_line_and_exit_2(flags, message):
+    result = run(*flags)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and message in result.stderr
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize("case", ["missing", "corrupt", "too-long", "bad-device", "offline"])
+def test_user_errors_are_one_line_and_exit_1(tiny_checkpoint, tmp_path, case, monkeypatch):
+    model, prompt, extra = str(tiny_checkpoint), "Hello", []
+    if case == "missing":
+        model = str(tmp_path / "no-model")
+    elif case == "corrupt":
+        for name in ("config.json", "vocab.json", "merges.txt"):
+            (tmp_path / name).write_bytes((tiny_checkpoint / name).read_bytes())
+        (tmp_path / "model.safetensors").write_bytes(b"\x00" * 100)
+        model = str(tmp_path)
+    elif case == "too-long":
+        prompt = "word" + " word" * 200
+    elif case == "bad-device":
+        extra = ["--device", "nosuchdevice"]
+    else:
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        monkeypatch.setenv("HF_HOME", str(tmp_path))
+        model = "gpt2"
+    result = run("generate", prompt, "--model", model, "--max-new-tokens", "5", *extra)
+    assert result.returncode == 1
+    assert result.stderr.startswith("gpt2: error: ") and result.stderr.count("\n") == 1
+    assert "Traceback" not in result.stderr
+
+
+def test_export_round_trips_through_transformers(tiny_checkpoint, tmp_path):
+    import transformers
+
+    out = tmp_path / "exported"
+    result = run("export", str(out), "--model", str(tiny_checkpoint))
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "merges.txt",
+                                                      "model.safetensors", "vocab.json"]
+    ids = torch.randint(0, 50257, (1, 20))
+    with torch.inference_mode():
+        exported = transformers.GPT2LMHeadModel.from_pretrained(out).eval()(ids).logits
+        original = transformers.GPT2LMHeadModel.from_pretrained(tiny_checkpoint).eval()(ids).logits
+        assert torch.equal(exported, original)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    again = run("export", str(out), "--model", str(tiny_checkpoint))
+    assert again.returncode == 1 and "refusing to overwrite" in again.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_importing_the_engine_does_not_import_transformers():
+    code = ("import sys, gpt2engine, gpt2engine.cli, gpt2engine.generate, gpt2engine.weights; "
+            "assert 'transformers' not in sys.modules, 'transformers imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
