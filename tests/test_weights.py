@@ -149,6 +149,14 @@ def test_corrupt_weight_file(tmp_path, checkpoint, reference, weights):
         GPT2.from_pretrained(checkpoint)
 
 
+def test_truncated_safetensors(checkpoint):
+    data = (checkpoint / "model.safetensors").read_bytes()
+    (checkpoint / "model.safetensors").write_bytes(data[: len(data) - 1000])
+    with pytest.raises(GPT2EngineError, match=r"model.safetensors: not a readable weight file "
+                                              r"\(.* ends past the end of the file \(truncated\?\)\)"):
+        GPT2.from_pretrained(checkpoint)
+
+
 def test_pickled_code_is_refused(tmp_path, reference):
     torch.save({"payload": shutil.rmtree}, tmp_path / "pytorch_model.bin")  # not a tensor
     write_config(tmp_path)

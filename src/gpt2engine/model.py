@@ -102,12 +102,21 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+def embedding(num: int, dim: int) -> nn.Embedding:
+    """nn.Embedding with GPT-2's N(0, 0.02) init, skipped on the meta device, where the loader
+    builds the model: torch's meta normal_ costs seconds of imports and its values are discarded."""
+    weight = torch.empty(num, dim)
+    if not weight.is_meta:
+        nn.init.normal_(weight, std=0.02)
+    return nn.Embedding(num, dim, _weight=weight)
+
+
 class GPT2(nn.Module):
     def __init__(self, config: GPT2Config) -> None:
         super().__init__()
         self.config = config
-        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-        self.wpe = nn.Embedding(config.n_positions, config.n_embd)
+        self.wte = embedding(config.vocab_size, config.n_embd)
+        self.wpe = embedding(config.n_positions, config.n_embd)
         self.h = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)

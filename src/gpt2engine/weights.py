@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -66,16 +67,47 @@ def shard_files(folder: Path, index: Path) -> list[Path]:
     return [folder / name for name in names]
 
 
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+def read_safetensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Read a .safetensors file one tensor at a time, each straight into its own buffer.
+
+    The format is a little-endian u64 header length, a JSON header of {name: dtype, shape,
+    data_offsets}, then the raw bytes. Plain reads instead of a memory map mean no page of the
+    file stays resident once its tensor is converted: loading peaks at about one copy of the
+    weights plus the largest tensor.
+    """
+    with open(file, "rb") as handle:
+        size = file.stat().st_size
+        (header_len,) = struct.unpack("<Q", handle.read(8))
+        if header_len > size - 8:
+            raise ValueError(f"header of {header_len} bytes in a file of {size}")
+        header = json.loads(handle.read(header_len))
+        header.pop("__metadata__", None)
+        data_start = 8 + header_len
+        for key, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
+            begin, end = info["data_offsets"]
+            if data_start + end > size:
+                raise ValueError(f"{key} ends past the end of the file (truncated?)")
+            dtype = SAFETENSORS_DTYPES[info["dtype"]]
+            buffer = bytearray(end - begin)
+            handle.seek(data_start + begin)
+            handle.readinto(buffer)
+            flat = torch.frombuffer(buffer, dtype=dtype) if buffer else torch.empty(0, dtype=dtype)
+            yield key, flat.reshape(info["shape"])
+
+
 def read_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (key, tensor) from each file; .bin files are unpickled with weights_only=True."""
     for file in files:
         try:
             if file.suffix == ".safetensors":
-                from safetensors import safe_open
-
-                with safe_open(file, framework="pt") as handle:
-                    for key in handle.keys():  # noqa: SIM118 (safe_open is not a dict)
-                        yield key, handle.get_tensor(key)
+                yield from read_safetensors(file)
             else:
                 yield from torch.load(file, map_location="cpu", weights_only=True, mmap=True).items()
         except Exception as error:  # corrupt or truncated files fail in many library-specific ways
