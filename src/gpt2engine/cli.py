@@ -21,7 +21,6 @@ from gpt2engine.errors import GPT2EngineError
 
 BANNER = "GPT-2 Inference Engine Ready"
 PROMPT = "Prompt (Type 'exit' or 'quit' to exit.) > "
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -38,7 +37,7 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--revision", help="Hub branch, tag or commit (default: main)")
     group.add_argument("--device", default="auto",
                        help="auto (CUDA when present, else CPU), cpu, cuda, cuda:1, mps ...")
-    group.add_argument("--dtype", default="auto", choices=DTYPES,
+    group.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                        help="weights and activations; auto = float32 on CPU, float16 on CUDA")
 
 
@@ -82,24 +81,14 @@ def generation_options(args: argparse.Namespace):
 
 def load(args: argparse.Namespace):
     """The model and tokenizer the flags name, on the device and dtype they ask for."""
-    import torch
-
     from gpt2engine.hub import resolve_checkpoint
     from gpt2engine.model import GPT2
+    from gpt2engine.runtime import pick_device, pick_dtype
     from gpt2engine.tokenizer import Tokenizer
 
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        torch.empty(0, device=device)
-    except (RuntimeError, AssertionError) as error:
-        raise GPT2EngineError(f"device {device!r} is not usable ({str(error).splitlines()[0]})") from None
-    dtype_name = args.dtype
-    if dtype_name == "auto":
-        dtype_name = "float32" if torch.device(device).type == "cpu" else "float16"
+    device = pick_device(args.device)
     folder = resolve_checkpoint(args.model, args.revision)
-    model = GPT2.from_pretrained(folder, dtype=getattr(torch, dtype_name), device=device)
+    model = GPT2.from_pretrained(folder, dtype=pick_dtype(args.dtype, device), device=device)
     return model, Tokenizer.from_pretrained(folder)
 
 
@@ -185,6 +174,115 @@ def run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_perplexity(args: argparse.Namespace) -> int:
+    from gpt2engine.evaluation import Perplexity, perplexity, read_text
+
+    texts = {path: read_text(path) for path in args.files}  # bad files fail before the model loads
+    model, tokenizer = load(args)
+    results = {path: perplexity(model, tokenizer, text, args.max_length, args.stride,
+                                args.batch_size, progress=not args.json)
+               for path, text in texts.items()}
+    total = sum(results.values(), start=Perplexity(0.0, 0, 0))
+    if args.json:
+        print(json.dumps({"perplexity": total.perplexity, "bits_per_byte": total.bits_per_byte,
+                          "tokens": total.tokens,
+                          "files": [{"file": path, "perplexity": r.perplexity,
+                                     "bits_per_byte": r.bits_per_byte, "tokens": r.tokens}
+                                    for path, r in results.items()]}))
+        return 0
+    rows = [*results.items(), *([("total", total)] if len(results) > 1 else [])]
+    for name, r in rows:
+        print(f"{name}: perplexity {r.perplexity:.4f}, bits per byte {r.bits_per_byte:.4f}, "
+              f"{r.tokens} tokens scored")
+    return 0
+
+
+def run_lambada(args: argparse.Namespace) -> int:
+    from gpt2engine.evaluation import lambada, read_lambada
+
+    requests = read_lambada(args.file)
+    model, tokenizer = load(args)
+    report(lambada(model, tokenizer, requests, args.batch_size, progress=not args.json), args.json)
+    return 0
+
+
+def run_choice(args: argparse.Namespace) -> int:
+    from gpt2engine.evaluation import multiple_choice, read_choices
+
+    records = read_choices(args.file)
+    model, tokenizer = load(args)
+    report(multiple_choice(model, tokenizer, records, args.batch_size, progress=not args.json),
+           args.json)
+    return 0
+
+
+def report(metrics: dict[str, float], as_json: bool) -> None:
+    print(json.dumps(metrics) if as_json else
+          ", ".join(f"{name} {value:.4f}" if isinstance(value, float) else f"{name} {value}"
+                    for name, value in metrics.items()))
+
+
+def run_harness(args: argparse.Namespace) -> int:
+    try:
+        from lm_eval.__main__ import cli_evaluate
+
+        import gpt2engine.lm_eval_adapter  # noqa: F401  (registers --model gpt2engine)
+    except ImportError as error:
+        raise GPT2EngineError(f"lm-evaluation-harness is not installed ({error}); "
+                              "pip install lm-eval") from None
+    sys.argv = ["lm_eval", *args.harness_args]
+    cli_evaluate()
+    return 0
+
+
+def add_eval_commands(commands: argparse._SubParsersAction) -> None:
+    evaluate = commands.add_parser("eval", help="perplexity, LAMBADA, multiple choice, lm-eval",
+                                   description="Measure a model on text or a task file.")
+    tasks = evaluate.add_subparsers(title="evaluations", metavar="EVALUATION", required=True,
+                                    parser_class=OneLineParser)
+
+    def task(name: str, help: str, description: str, run) -> argparse.ArgumentParser:
+        parser = tasks.add_parser(name, help=help, description=description)
+        parser.add_argument("--batch-size", type=positive_int, default=4, metavar="N",
+                            help="sequences per forward pass (default: 4)")
+        parser.add_argument("--json", action="store_true", help="print one JSON object")
+        add_model_flags(parser)
+        parser.set_defaults(run=run)
+        return parser
+
+    ppl = task("perplexity", "sliding-window perplexity of text files",
+               "Perplexity and bits per byte of each FILE (UTF-8 text) and of all together, with "
+               "the sliding windows of Hugging Face's 'perplexity of fixed-length models' guide. "
+               "No <|endoftext|> is added in front, so the first token is not scored.",
+               run_perplexity)
+    ppl.add_argument("files", nargs="+", metavar="FILE")
+    ppl.add_argument("--max-length", type=positive_int, metavar="L",
+                     help="tokens per window (default: the model's context)")
+    ppl.add_argument("--stride", type=positive_int, metavar="S",
+                     help="tokens between window starts (default: half of --max-length)")
+    lam = task("lambada", "last-word accuracy and perplexity (GPT-2 paper protocol)",
+               "FILE.jsonl holds one {\"text\": passage} per line; the model predicts each "
+               "passage's last word from the rest.", run_lambada)
+    lam.add_argument("file", metavar="FILE.jsonl")
+    choice = task("choice", "multiple-choice accuracy (HellaSwag-style)",
+                  "FILE.jsonl holds one {\"context\": str, \"endings\": [str, ...], \"label\": "
+                  "int} per line; the ending with the highest log-likelihood is the model's "
+                  "answer (accuracy_norm: per character).", run_choice)
+    choice.add_argument("file", metavar="FILE.jsonl")
+    harness = tasks.add_parser(
+        "harness", help="lm-evaluation-harness with --model gpt2engine", add_help=False,
+        description="lm_eval's own command line, with the gpt2engine model registered.")
+    harness.add_argument("harness_args", nargs=argparse.REMAINDER)
+    harness.set_defaults(run=run_harness)
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
 def build_parser() -> OneLineParser:
     parser = OneLineParser(
         prog="gpt2",
@@ -216,6 +314,7 @@ def build_parser() -> OneLineParser:
     export.add_argument("output", metavar="FOLDER")
     add_model_flags(export)
     export.set_defaults(run=run_export)
+    add_eval_commands(commands)
     return parser
 
 

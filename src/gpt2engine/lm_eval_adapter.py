@@ -1,0 +1,67 @@
+"""The lm-evaluation-harness model `gpt2engine`, a thin layer over evaluation.py and generate.py.
+
+Importing this module registers the model with lm_eval. lm_eval's own command line has no hook
+that loads models from other packages, so `gpt2 eval harness ARGS...` runs that same command line
+with this module imported; in Python: `import gpt2engine.lm_eval_adapter`, then
+`lm_eval.simple_evaluate(model="gpt2engine", model_args="pretrained=PATH", tasks=[...])`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from lm_eval.api.model import LM
+from lm_eval.api.registry import register_model
+
+from gpt2engine.evaluation import loglikelihood, loglikelihood_rolling
+from gpt2engine.generate import GenerationOptions, complete
+from gpt2engine.model import GPT2
+from gpt2engine.runtime import pick_device, pick_dtype
+from gpt2engine.sampling import SamplingParams
+from gpt2engine.tokenizer import Tokenizer
+
+DEFAULT_BATCH_SIZE = 8
+
+
+@register_model("gpt2engine")
+class GPT2EngineLM(LM):
+    """model_args: pretrained (folder or Hub id, default gpt2), revision, dtype (auto)."""
+
+    def __init__(
+        self, pretrained: str = "gpt2", revision: str | None = None, dtype: str = "auto",
+        device: str | None = None, batch_size: int | str = DEFAULT_BATCH_SIZE,
+        max_batch_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        if device is None or (device.startswith("cuda") and not torch.cuda.is_available()):
+            device = "auto"  # lm_eval passes cuda:0 by default; its own hf model falls back too
+        target = pick_device(device)
+        self.model = GPT2.from_pretrained(pretrained, revision=revision,
+                                          dtype=pick_dtype(dtype, target), device=target)
+        self.tokenizer = Tokenizer.from_pretrained(pretrained, revision=revision)
+        auto = str(batch_size).startswith("auto")
+        self.batch_size = (max_batch_size or DEFAULT_BATCH_SIZE) if auto else int(batch_size)
+
+    def loglikelihood(self, requests: Sequence, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        scores = loglikelihood(self.model, self.tokenizer, [r.args for r in requests],
+                               self.batch_size, progress=not disable_tqdm)
+        return [(s.logprob, s.greedy) for s in scores]
+
+    def loglikelihood_rolling(self, requests: Sequence, disable_tqdm: bool = False) -> list[float]:
+        return [loglikelihood_rolling(self.model, self.tokenizer, r.args[0],
+                                      batch_size=self.batch_size) for r in requests]
+
+    def generate_until(self, requests: Sequence, disable_tqdm: bool = False) -> list[str]:
+        texts = []
+        for request in requests:
+            context, settings = request.args
+            until = settings.get("until") or []
+            temperature = settings.get("temperature", 0.0) if settings.get("do_sample") else 0.0
+            options = GenerationOptions(
+                max_new_tokens=int(settings.get("max_gen_toks", 256)),
+                sampling=SamplingParams(temperature=float(temperature)),
+                stop=tuple([until] if isinstance(until, str) else until), truncate="left",
+            )
+            texts.append(complete(self.model, self.tokenizer, [context], options)[0].text)
+        return texts

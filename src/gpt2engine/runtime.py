@@ -1,0 +1,29 @@
+"""Choosing the device and dtype to run on: the `auto` rules, and a clear error for an unusable choice."""
+
+from __future__ import annotations
+
+import torch
+
+from gpt2engine.errors import GPT2EngineError
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """`auto` is CUDA when present, else the CPU; anything else must actually work here."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        torch.empty(0, device=name)
+    except (RuntimeError, AssertionError) as error:
+        raise GPT2EngineError(f"device {name!r} is not usable ({str(error).splitlines()[0]})") from None
+    return torch.device(name)
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto` is float32 on the CPU (exact) and float16 on accelerators (fast)."""
+    if name not in DTYPES:
+        raise GPT2EngineError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}")
+    if name == "auto":
+        return torch.float32 if device.type == "cpu" else torch.float16
+    return getattr(torch, name)

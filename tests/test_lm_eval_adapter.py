@@ -1,0 +1,78 @@
+"""`--model gpt2engine` inside lm-evaluation-harness, on a local task over local files, against
+lm-evaluation-harness's own transformers model (`--model hf`) on the same checkpoint."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from gpt2engine import GPT2, Tokenizer
+from gpt2engine.evaluation import loglikelihood_rolling
+from gpt2engine.generate import GenerationOptions, complete
+from gpt2engine.sampling import SamplingParams
+
+ROOT = Path(__file__).resolve().parent.parent
+GPT2_COMMAND = str(Path(sys.executable).parent / "gpt2")
+LM_EVAL_COMMAND = str(Path(sys.executable).parent / "lm_eval")
+TASK = """\
+task: tiny_lambada
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: loglikelihood
+doc_to_text: "{{{{text.split(' ')[:-1]|join(' ')}}}}"
+doc_to_target: "{{{{' '+text.split(' ')[-1]}}}}"
+metric_list:
+  - metric: perplexity
+    aggregation: perplexity
+    higher_is_better: false
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+"""
+
+
+def harness(command, model, checkpoint, tmp_path):
+    tasks = tmp_path / "tasks"
+    tasks.mkdir(exist_ok=True)
+    (tasks / "tiny_lambada.yaml").write_text(TASK.format(data=ROOT / "examples" / "lambada.jsonl"))
+    out = tmp_path / model
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    done = subprocess.run(
+        [*command, "run", "--model", model, "--model_args", f"pretrained={checkpoint}",
+         "--tasks", "tiny_lambada", "--include_path", str(tasks), "--output_path", str(out),
+         "--batch_size", "2", "--device", "cpu"],
+        capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    [results] = out.rglob("results_*.json")
+    return json.loads(results.read_text())["results"]["tiny_lambada"]
+
+
+def test_harness_scores_like_its_own_transformers_model(tiny_checkpoint, tmp_path):
+    ours = harness([GPT2_COMMAND, "eval", "harness"], "gpt2engine", tiny_checkpoint, tmp_path)
+    theirs = harness([LM_EVAL_COMMAND], "hf", tiny_checkpoint, tmp_path)
+    assert ours["acc,none"] == theirs["acc,none"]
+    assert ours["perplexity,none"] == pytest.approx(theirs["perplexity,none"], rel=1e-4)
+
+
+def test_rolling_and_generation_requests(tiny_checkpoint):
+    from gpt2engine.lm_eval_adapter import GPT2EngineLM
+
+    adapter = GPT2EngineLM(pretrained=str(tiny_checkpoint), device="cuda:0", batch_size="auto:4")
+    model, tokenizer = GPT2.from_pretrained(tiny_checkpoint), Tokenizer.from_pretrained(tiny_checkpoint)
+    text = "Be not afeard; the isle is full of noises."
+    [rolling] = adapter.loglikelihood_rolling([SimpleNamespace(args=(text,))])
+    assert rolling == pytest.approx(loglikelihood_rolling(model, tokenizer, text), rel=1e-6)
+    free = complete(model, tokenizer, ["The isle"], GenerationOptions(
+        max_new_tokens=12, sampling=SamplingParams(temperature=0)))[0].text
+    stop = free[4:7]
+    [generated] = adapter.generate_until([SimpleNamespace(
+        args=("The isle", {"until": [stop], "max_gen_toks": 12, "do_sample": False}))])
+    assert generated == free[: free.index(stop)]
