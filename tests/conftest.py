@@ -30,6 +30,7 @@ TINY_CONFIGS = {
         scale_attn_by_inverse_layer_idx=True, activation_function="gelu",
     ),
 }
+TINY_GPT2 = dict(n_embd=32, n_layer=2, n_head=4, n_positions=128, vocab_size=50257)
 GPT2_124M = dict(n_embd=768, n_layer=12, n_head=12, n_positions=1024, vocab_size=50257)
 
 
@@ -74,8 +75,22 @@ def make_checkpoint(
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(make_checkpoint) -> Path:
-    """A small model over the real GPT-2 vocabulary, for generation and CLI tests."""
-    return make_checkpoint(n_embd=32, n_layer=2, n_head=4, n_positions=128, vocab_size=50257)
+    """A small model over the real GPT-2 vocabulary, for generation, evaluation and CLI tests."""
+    return make_checkpoint(**TINY_GPT2)
+
+
+@pytest.fixture(scope="session")
+def engine(tiny_checkpoint):
+    """Our model and tokenizer loaded from `tiny_checkpoint`."""
+    from gpt2engine import GPT2, Tokenizer
+
+    return GPT2.from_pretrained(tiny_checkpoint), Tokenizer.from_pretrained(tiny_checkpoint)
+
+
+@pytest.fixture(scope="session")
+def reference() -> transformers.GPT2LMHeadModel:
+    """transformers' model with the same weights as `tiny_checkpoint`."""
+    return hf_model(**TINY_GPT2)
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,6 @@ import pexpect
 import pytest
 import torch
 
-from gpt2engine import GPT2, Tokenizer
 from gpt2engine.cli import BANNER, PROMPT
 from gpt2engine.generate import GenerationOptions, complete
 from gpt2engine.sampling import SamplingParams
@@ -24,8 +23,8 @@ def run(*args, stdin=None):
                           timeout=120)
 
 
-def expected_text(checkpoint, prompt, **options):
-    model, tokenizer = GPT2.from_pretrained(checkpoint), Tokenizer.from_pretrained(checkpoint)
+def expected_text(engine, prompt, **options):
+    model, tokenizer = engine
     options = GenerationOptions(**{"max_new_tokens": 12, "ignore_eos": True,
                                    "sampling": SamplingParams(temperature=0), **options})
     return complete(model, tokenizer, [prompt], options)[0]
@@ -48,8 +47,8 @@ def assert_exits_cleanly(child):
     assert "Traceback" not in child.before
 
 
-def test_repl_streams_the_answer_then_asks_again(repl, tiny_checkpoint):
-    answer = expected_text(tiny_checkpoint, "Hello there").text
+def test_repl_streams_the_answer_then_asks_again(repl, engine):
+    answer = expected_text(engine, "Hello there").text
     repl.sendline("Hello there")
     repl.expect_exact(PROMPT)
     assert answer.replace("\n", "\r\n") in repl.before
@@ -94,24 +93,24 @@ def test_repl_reports_a_prompt_that_is_too_long_and_goes_on(repl):
     assert_exits_cleanly(repl)
 
 
-def test_generate_prints_the_continuation(tiny_checkpoint):
+def test_generate_prints_the_continuation(tiny_checkpoint, engine):
     result = run("generate", "Hello there", "--model", str(tiny_checkpoint), *GREEDY_FLAGS)
     assert result.returncode == 0, result.stderr
-    assert result.stdout == expected_text(tiny_checkpoint, "Hello there").text + "\n"
+    assert result.stdout == expected_text(engine, "Hello there").text + "\n"
 
 
-def test_generate_reads_stdin_and_prints_json(tiny_checkpoint):
+def test_generate_reads_stdin_and_prints_json(tiny_checkpoint, engine):
     result = run("generate", "-", "--json", "--model", str(tiny_checkpoint), *GREEDY_FLAGS,
                  stdin="A prompt from a pipe\n")
-    expected = expected_text(tiny_checkpoint, "A prompt from a pipe\n")
+    expected = expected_text(engine, "A prompt from a pipe\n")
     assert json.loads(result.stdout) == {
         "model": str(tiny_checkpoint), "text": expected.text, "finish_reason": "length",
         "prompt_tokens": expected.prompt_tokens, "completion_tokens": 12,
     }
 
 
-def test_generate_stop_string_and_stats(tiny_checkpoint):
-    free = expected_text(tiny_checkpoint, "Hello").text
+def test_generate_stop_string_and_stats(tiny_checkpoint, engine):
+    free = expected_text(engine, "Hello").text
     stop = free[5:9]
     result = run("generate", "Hello", "--model", str(tiny_checkpoint), *GREEDY_FLAGS,
                  "--stop", stop, "--stats")

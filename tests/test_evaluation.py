@@ -10,8 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import hf_model
-from gpt2engine import GPT2, GPT2EngineError, Tokenizer
+from gpt2engine import GPT2EngineError
 from gpt2engine.evaluation import (
     Span,
     lambada,
@@ -33,18 +32,7 @@ LAMBADA = ROOT / "examples" / "lambada.jsonl"
 TEMPEST = (ROOT / "tests" / "data" / "tempest.txt").read_text()
 PROSE = TEMPEST[:12000]  # about 3,500 tokens of the play: ~55 windows of the 128-token model
 GPT2_COMMAND = str(Path(sys.executable).parent / "gpt2")
-TINY = dict(n_embd=32, n_layer=2, n_head=4, n_positions=128, vocab_size=50257)
 RELATIVE = 1e-4
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_checkpoint):
-    return GPT2.from_pretrained(tiny_checkpoint), Tokenizer.from_pretrained(tiny_checkpoint)
-
-
-@pytest.fixture(scope="module")
-def reference():
-    return hf_model(**TINY)
 
 
 @torch.inference_mode()

@@ -3,24 +3,12 @@
 import pytest
 import torch
 
-from conftest import hf_model
-from gpt2engine import GPT2, GPT2EngineError, Tokenizer
+from gpt2engine import GPT2EngineError
 from gpt2engine.generate import GenerationOptions, RowText, complete, stream
 from gpt2engine.sampling import SamplingParams
 
 PROMPTS = ["Hello world, this is", "The", "A longer prompt, with quite a few more tokens in it than the rest"]
 GREEDY = SamplingParams(temperature=0)
-TINY = dict(n_embd=32, n_layer=2, n_head=4, n_positions=128, vocab_size=50257)
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_checkpoint):
-    return GPT2.from_pretrained(tiny_checkpoint), Tokenizer.from_pretrained(tiny_checkpoint)
-
-
-@pytest.fixture(scope="module")
-def reference():
-    return hf_model(**TINY)
 
 
 def greedy(max_new_tokens=24, **options):
