@@ -76,3 +76,10 @@ def test_rolling_and_generation_requests(tiny_checkpoint):
     [generated] = adapter.generate_until([SimpleNamespace(
         args=("The isle", {"until": [stop], "max_gen_toks": 12, "do_sample": False}))])
     assert generated == free[: free.index(stop)]
+
+
+def test_harness_help_is_lm_evals_own():
+    done = subprocess.run([GPT2_COMMAND, "eval", "harness", "--help"], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "Language Model Evaluation Harness" in done.stdout

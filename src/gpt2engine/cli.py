@@ -319,14 +319,18 @@ def build_parser() -> OneLineParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["eval", "harness"]:  # the rest, --help included, is lm_eval's to parse
+        args = argparse.Namespace(run=run_harness, harness_args=argv[2:])
+    else:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if hasattr(args, "temperature"):
+            try:
+                args.options = generation_options(args)
+            except GPT2EngineError as error:  # a flag value out of range is a command-line error
+                parser.error(str(error))
     run: Callable[[argparse.Namespace], int] = args.run
-    if hasattr(args, "temperature"):
-        try:
-            args.options = generation_options(args)
-        except GPT2EngineError as error:  # a flag value out of range is a command-line error
-            parser.error(str(error))
     try:
         return run(args)
     except GPT2EngineError as error:
