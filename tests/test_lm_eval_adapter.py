@@ -55,8 +55,9 @@ def harness(command, model, checkpoint, tmp_path):
     return json.loads(results.read_text())["results"]["tiny_lambada"]
 
 
-def test_harness_scores_like_its_own_transformers_model(tiny_checkpoint, tmp_path):
-    ours = harness([GPT2_COMMAND, "eval", "harness"], "gpt2engine", tiny_checkpoint, tmp_path)
+def test_lm_eval_scores_like_its_own_transformers_model(tiny_checkpoint, tmp_path):
+    """The plain `lm_eval` command finds --model gpt2engine, and keeps its own models."""
+    ours = harness([LM_EVAL_COMMAND], "gpt2engine", tiny_checkpoint, tmp_path)
     theirs = harness([LM_EVAL_COMMAND], "hf", tiny_checkpoint, tmp_path)
     assert ours["acc,none"] == theirs["acc,none"]
     assert ours["perplexity,none"] == pytest.approx(theirs["perplexity,none"], rel=1e-4)
@@ -78,8 +79,30 @@ def test_rolling_and_generation_requests(tiny_checkpoint):
     assert generated == free[: free.index(stop)]
 
 
+def test_gpt2_eval_harness_is_lm_eval_with_the_model_registered(tiny_checkpoint, tmp_path):
+    ours = harness([GPT2_COMMAND, "eval", "harness"], "gpt2engine", tiny_checkpoint, tmp_path)
+    assert 0 <= ours["acc,none"] <= 1
+
+
 def test_harness_help_is_lm_evals_own():
     done = subprocess.run([GPT2_COMMAND, "eval", "harness", "--help"], capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr
     assert "Language Model Evaluation Harness" in done.stdout
+
+
+def test_the_wheel_installs_the_lm_eval_hook(tmp_path):
+    """`pip install gpt2engine` puts gpt2engine-lm-eval.pth into site-packages (the wheel's root)."""
+    import shutil
+    import zipfile
+
+    source = tmp_path / "source"
+    shutil.copytree(ROOT / "src", source / "src", ignore=shutil.ignore_patterns("*.egg-info", "__pycache__"))
+    for name in ("pyproject.toml", "setup.py", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+                    str(source), "-w", str(tmp_path / "wheel")], check=True, capture_output=True, timeout=300)
+    [wheel] = (tmp_path / "wheel").glob("gpt2engine-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "gpt2engine-lm-eval.pth" in names
+    assert "gpt2engine/lm_eval_adapter.py" in names

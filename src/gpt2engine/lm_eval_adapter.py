@@ -1,8 +1,9 @@
 """The lm-evaluation-harness model `gpt2engine`, a thin layer over evaluation.py and generate.py.
 
-Importing this module registers the model with lm_eval. lm_eval's own command line has no hook
-that loads models from other packages, so `gpt2 eval harness ARGS...` runs that same command line
-with this module imported; in Python: `import gpt2engine.lm_eval_adapter`, then
+Importing this module registers the model with lm_eval. lm_eval has no plugin hook for models
+from other packages, so the package installs `gpt2engine-lm-eval.pth`, which imports this module
+at start-up in the `lm_eval` command only; `gpt2 eval harness ARGS...` is the same command line
+with this module imported. In Python: `import gpt2engine.lm_eval_adapter`, then
 `lm_eval.simple_evaluate(model="gpt2engine", model_args="pretrained=PATH", tasks=[...])`.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import lm_eval.models  # noqa: F401  (the harness's own models first: its registry fills only when empty)
 import torch
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
