@@ -60,7 +60,8 @@ def main(rounds: int = 3) -> None:
             print(f"batch {batch} {name:>12}: first token {m['ttft'] * 1000:7.1f} ms, "
                   f"decode {m['decode_tps']:7.1f} tokens/s")
         ours, theirs = med["gpt2engine"], med["transformers"]
-        print(f"batch {batch} gpt2engine / transformers: decode speed x{ours['decode_tps'] / theirs['decode_tps']:.2f}, "
+        speed = ours["decode_tps"] / theirs["decode_tps"]
+        print(f"batch {batch} gpt2engine / transformers: decode speed x{speed:.2f}, "
               f"first token time x{ours['ttft'] / theirs['ttft']:.2f}")
 
 
