@@ -177,7 +177,11 @@ def test_export_round_trips_through_transformers(tiny_checkpoint, tmp_path):
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
-def test_importing_the_engine_does_not_import_transformers():
+def test_importing_the_engine_does_not_import_transformers_and_help_skips_torch():
     code = ("import sys, gpt2engine, gpt2engine.cli, gpt2engine.generate, gpt2engine.weights; "
             "assert 'transformers' not in sys.modules, 'transformers imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+    help_only = ("import sys, contextlib, gpt2engine.cli as cli\n"
+                 "with contextlib.suppress(SystemExit): cli.main(['--help'])\n"
+                 "assert 'torch' not in sys.modules, 'torch imported for --help'")
+    subprocess.run([sys.executable, "-c", help_only], check=True, capture_output=True)

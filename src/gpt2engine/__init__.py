@@ -1,22 +1,45 @@
-"""gpt2engine: a GPT-2 inference engine written from scratch in PyTorch."""
+"""gpt2engine: a GPT-2 inference engine written from scratch in PyTorch.
 
-from gpt2engine.config import GPT2Config
-from gpt2engine.errors import GPT2EngineError
-from gpt2engine.generate import GenerationOptions, GenerationResult, complete, stream
-from gpt2engine.model import GPT2, KVCache
-from gpt2engine.sampling import SamplingParams
-from gpt2engine.tokenizer import Tokenizer
+The names below are imported on first use, so `import gpt2engine` (and `gpt2 --help`) does not
+pay for importing torch.
+"""
 
-__all__ = [
-    "GPT2",
-    "GPT2Config",
-    "GPT2EngineError",
-    "GenerationOptions",
-    "GenerationResult",
-    "KVCache",
-    "SamplingParams",
-    "Tokenizer",
-    "complete",
-    "stream",
-]
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "GPT2": "gpt2engine.model",
+    "KVCache": "gpt2engine.model",
+    "GPT2Config": "gpt2engine.config",
+    "GPT2EngineError": "gpt2engine.errors",
+    "GenerationOptions": "gpt2engine.generate",
+    "GenerationResult": "gpt2engine.generate",
+    "complete": "gpt2engine.generate",
+    "stream": "gpt2engine.generate",
+    "SamplingParams": "gpt2engine.sampling",
+    "Tokenizer": "gpt2engine.tokenizer",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'gpt2engine' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
+
+
+if TYPE_CHECKING:  # the same names, for type checkers and editors
+    from gpt2engine.config import GPT2Config as GPT2Config
+    from gpt2engine.errors import GPT2EngineError as GPT2EngineError
+    from gpt2engine.generate import GenerationOptions as GenerationOptions
+    from gpt2engine.generate import GenerationResult as GenerationResult
+    from gpt2engine.generate import complete as complete
+    from gpt2engine.generate import stream as stream
+    from gpt2engine.model import GPT2 as GPT2
+    from gpt2engine.model import KVCache as KVCache
+    from gpt2engine.sampling import SamplingParams as SamplingParams
+    from gpt2engine.tokenizer import Tokenizer as Tokenizer

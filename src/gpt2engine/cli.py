@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from gpt2engine.errors import GPT2EngineError
+from gpt2engine.runtime import DTYPES
 
 BANNER = "GPT-2 Inference Engine Ready"
 PROMPT = "Prompt (Type 'exit' or 'quit' to exit.) > "
@@ -37,7 +38,7 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--revision", help="Hub branch, tag or commit (default: main)")
     group.add_argument("--device", default="auto",
                        help="auto (CUDA when present, else CPU), cpu, cuda, cuda:1, mps ...")
-    group.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+    group.add_argument("--dtype", default="auto", choices=DTYPES,
                        help="weights and activations; auto = float32 on CPU, float16 on CUDA")
 
 
@@ -100,8 +101,8 @@ def print_stats(tokens: int, started: float, first_token: float | None) -> None:
           file=sys.stderr, flush=True)
 
 
-def respond(model, tokenizer, prompt: str, options, stats: bool):
-    """Stream one response to stdout; returns its GenerationResult."""
+def respond(model, tokenizer, prompt: str, options, stats: bool) -> None:
+    """Stream one response to stdout (and its statistics to stderr if asked)."""
     from gpt2engine.generate import Generation
 
     generation = Generation(model, tokenizer, [prompt], options)
@@ -110,10 +111,8 @@ def respond(model, tokenizer, prompt: str, options, stats: bool):
         first_token = first_token or time.perf_counter()
         print(piece, end="", flush=True)
     print(flush=True)
-    [result] = generation.results
     if stats:
-        print_stats(result.completion_tokens, started, first_token)
-    return result
+        print_stats(generation.results[0].completion_tokens, started, first_token)
 
 
 def run_repl(args: argparse.Namespace) -> int:

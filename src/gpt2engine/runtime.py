@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from gpt2engine.errors import GPT2EngineError
+
+if TYPE_CHECKING:  # torch is imported when a device is picked, so `gpt2 --help` stays quick
+    import torch
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def pick_device(name: str = "auto") -> torch.device:
     """`auto` is CUDA when present, else the CPU; anything else must actually work here."""
+    import torch
+
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -22,6 +27,8 @@ def pick_device(name: str = "auto") -> torch.device:
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     """`auto` is float32 on the CPU (exact) and float16 on accelerators (fast)."""
+    import torch
+
     if name not in DTYPES:
         raise GPT2EngineError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}")
     if name == "auto":
