@@ -124,7 +124,10 @@ def convert_checkpoint(
     Shapes are compared in the checkpoint's own layout, so a message names the key and the
     shape exactly as they appear in the file.
     """
-    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    expected = {  # in the file's layout: Conv1D weights are (in, out)
+        name: tuple(t.shape)[::-1] if is_conv1d(name) else tuple(t.shape)
+        for name, t in model.state_dict().items()
+    }
     tied = model.config.tie_word_embeddings
     state: dict[str, torch.Tensor] = {}
     problems: list[str] = []
@@ -135,18 +138,16 @@ def convert_checkpoint(
         if name not in expected:
             problems.append(f"unexpected tensor {key} of shape {tuple(tensor.shape)}")
             continue
-        want = expected[name][::-1] if is_conv1d(name) else expected[name]
-        if tuple(tensor.shape) != want:
-            problems.append(f"{key}: expected shape {want}, found {tuple(tensor.shape)}")
+        if tuple(tensor.shape) != expected[name]:
+            problems.append(f"{key}: expected shape {expected[name]}, found {tuple(tensor.shape)}")
             continue
         if name == TIED_HEAD and tied:
             continue  # the head is the token embedding; the stored copy adds nothing
         tensor = tensor.t() if is_conv1d(name) else tensor
         state[name] = tensor.to(device=device, dtype=dtype).contiguous()
-    for name in expected.keys() - state.keys():
-        if not (name == TIED_HEAD and tied):
-            want = expected[name][::-1] if is_conv1d(name) else expected[name]
-            problems.append(f"missing tensor {hf_name(name)} (expected shape {want})")
+    problems += [f"missing tensor {hf_name(name)} (expected shape {shape})"
+                 for name, shape in expected.items()
+                 if name not in state and not (name == TIED_HEAD and tied)]
     if problems:
         more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
         raise GPT2EngineError(f"checkpoint does not fit the config: {problems[0]}{more}")
