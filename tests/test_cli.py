@@ -2,6 +2,7 @@
 mode, export, and every mistake giving one line and a non-zero exit."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -134,9 +135,9 @@ def test_bad_flags_are_one_line_and_exit_2(flags, message):
     assert result.stdout == ""
 
 
-@pytest.mark.parametrize("case", ["missing", "corrupt", "too-long", "bad-device", "offline"])
+@pytest.mark.parametrize("case", ["missing", "corrupt", "wrong-shape", "too-long", "bad-device", "offline"])
 def test_user_errors_are_one_line_and_exit_1(tiny_checkpoint, tmp_path, case, monkeypatch):
-    model, prompt, extra = str(tiny_checkpoint), "Hello", []
+    model, prompt, extra, expected = str(tiny_checkpoint), "Hello", [], "gpt2: error: "
     if case == "missing":
         model = str(tmp_path / "no-model")
     elif case == "corrupt":
@@ -144,6 +145,11 @@ def test_user_errors_are_one_line_and_exit_1(tiny_checkpoint, tmp_path, case, mo
             (tmp_path / name).write_bytes((tiny_checkpoint / name).read_bytes())
         (tmp_path / "model.safetensors").write_bytes(b"\x00" * 100)
         model = str(tmp_path)
+    elif case == "wrong-shape":
+        shutil.copytree(tiny_checkpoint, tmp_path / "ckpt")
+        config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+        (tmp_path / "ckpt" / "config.json").write_text(json.dumps({**config, "n_embd": 64}))
+        model, expected = str(tmp_path / "ckpt"), "c_attn.bias: expected shape (192,), found (96,)"
     elif case == "too-long":
         prompt = "word" + " word" * 200
     elif case == "bad-device":
@@ -155,7 +161,7 @@ def test_user_errors_are_one_line_and_exit_1(tiny_checkpoint, tmp_path, case, mo
     result = run("generate", prompt, "--model", model, "--max-new-tokens", "5", *extra)
     assert result.returncode == 1
     assert result.stderr.startswith("gpt2: error: ") and result.stderr.count("\n") == 1
-    assert "Traceback" not in result.stderr
+    assert expected in result.stderr and result.stdout == ""
 
 
 def test_export_round_trips_through_transformers(tiny_checkpoint, tmp_path):

@@ -88,6 +88,23 @@ def test_sharded_pytorch_model_bin(tmp_path, reference):
     assert_same_logits(tmp_path, reference)
 
 
+def test_untied_lm_head(tmp_path):
+    untied = hf_model(seed=3, tie_word_embeddings=False, **CONFIG)
+    assert not torch.equal(untied.lm_head.weight, untied.transformer.wte.weight)
+    untied.save_pretrained(tmp_path / "untied")
+    model = GPT2.from_pretrained(tmp_path / "untied")
+    assert model.lm_head.weight is not model.wte.weight
+    ids = torch.randint(0, CONFIG["vocab_size"], (2, 30))
+    with torch.inference_mode():
+        assert (model(ids) - untied(ids).logits).abs().max() <= 1e-4
+    model.save_pretrained(tmp_path / "export")
+    import transformers
+
+    reloaded = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "export").eval()
+    with torch.inference_mode():
+        assert torch.equal(reloaded(ids).logits, untied(ids).logits)
+
+
 def test_dtype_and_single_copy_of_weights(checkpoint):
     model = GPT2.from_pretrained(checkpoint, dtype=torch.bfloat16)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
