@@ -78,6 +78,7 @@ def test_ctrl_c_during_an_answer_stops_only_that_answer(make_checkpoint):
                           encoding="utf-8", timeout=60)
     child.expect_exact(PROMPT)
     child.sendline("Tell me a long story")
+    child.expect_exact("Tell me a long story\r\n")  # the terminal's echo of the typed line
     child.expect(r"\S{3}")  # the answer has started streaming
     child.sendintr()
     child.expect_exact("[interrupted]")
