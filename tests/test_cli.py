@@ -95,8 +95,10 @@ def test_repl_reports_a_prompt_that_is_too_long_and_goes_on(repl):
     assert_exits_cleanly(repl)
 
 
-def test_generate_prints_the_continuation(tiny_checkpoint, engine):
-    result = run("generate", "Hello there", "--model", str(tiny_checkpoint), *GREEDY_FLAGS)
+@pytest.mark.parametrize("flags_first", [False, True], ids=["flags-after", "flags-before-command"])
+def test_generate_prints_the_continuation(tiny_checkpoint, engine, flags_first):
+    flags = ["--model", str(tiny_checkpoint), *GREEDY_FLAGS]
+    result = run(*flags, "generate", "Hello there") if flags_first else run("generate", "Hello there", *flags)
     assert result.returncode == 0, result.stderr
     assert result.stdout == expected_text(engine, "Hello there").text + "\n"
 

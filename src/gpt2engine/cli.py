@@ -31,42 +31,49 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def add_model_flags(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("model")
-    group.add_argument("--model", default="gpt2", metavar="NAME_OR_PATH",
-                       help="a checkpoint folder or a Hugging Face Hub id (default: gpt2)")
-    group.add_argument("--revision", help="Hub branch, tag or commit (default: main)")
-    group.add_argument("--device", default="auto",
-                       help="auto (CUDA when present, else CPU), cpu, cuda, cuda:1, mps ...")
-    group.add_argument("--dtype", default="auto", choices=DTYPES,
-                       help="weights and activations; auto = float32 on CPU, float16 on CUDA")
+def shared_flag(group: argparse._ArgumentGroup, inherit: bool):
+    """add_argument for a flag that `gpt2` and its commands share. In a command (`inherit`) its
+    default is left out, so a value given before the command name (`gpt2 --model M generate`)
+    is not replaced by the command's default."""
+
+    def add(*names: str, default=None, **options) -> None:
+        group.add_argument(*names, default=argparse.SUPPRESS if inherit else default, **options)
+
+    return add
 
 
-def add_generation_flags(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("generation")
-    group.add_argument("--max-new-tokens", type=int, default=200, metavar="N",
-                       help="most tokens to generate per response (default: 200)")
-    group.add_argument("--temperature", type=float, default=1.0, metavar="T",
-                       help="0 = greedy; lower is more focused (default: 1.0)")
-    group.add_argument("--top-k", type=int, default=40, metavar="K",
-                       help="sample among the K likeliest tokens, 0 = off (default: 40, as "
-                            "OpenAI's GPT-2 release)")
-    group.add_argument("--top-p", type=float, default=1.0, metavar="P",
-                       help="nucleus sampling: the likeliest tokens up to probability P (default: 1.0 = off)")
-    group.add_argument("--min-p", type=float, default=0.0, metavar="P",
-                       help="drop tokens below P times the likeliest one's probability (default: 0 = off)")
-    group.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R",
-                       help="> 1 discourages tokens already present (default: 1.0 = off)")
-    group.add_argument("--seed", type=int, help="make sampling reproducible")
-    group.add_argument("--stop", action="append", default=[], metavar="TEXT",
-                       help="end the response at TEXT (not printed); repeatable")
-    group.add_argument("--ignore-eos", action="store_true",
-                       help="keep generating past <|endoftext|>")
-    group.add_argument("--truncate", choices=("error", "left"), default="error",
-                       help="a prompt that does not fit the context: error (default) or keep its "
-                            "most recent tokens (left)")
-    group.add_argument("--stats", action="store_true",
-                       help="after each response, print tokens, tokens/s and time to first token")
+def add_model_flags(parser: argparse.ArgumentParser, inherit: bool = False) -> None:
+    add = shared_flag(parser.add_argument_group("model"), inherit)
+    add("--model", default="gpt2", metavar="NAME_OR_PATH",
+        help="a checkpoint folder or a Hugging Face Hub id (default: gpt2)")
+    add("--revision", help="Hub branch, tag or commit (default: main)")
+    add("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:1, mps ...")
+    add("--dtype", default="auto", choices=DTYPES,
+        help="weights and activations; auto = float32 on CPU, float16 on CUDA")
+
+
+def add_generation_flags(parser: argparse.ArgumentParser, inherit: bool = False) -> None:
+    add = shared_flag(parser.add_argument_group("generation"), inherit)
+    add("--max-new-tokens", type=int, default=200, metavar="N",
+        help="most tokens to generate per response (default: 200)")
+    add("--temperature", type=float, default=1.0, metavar="T",
+        help="0 = greedy; lower is more focused (default: 1.0)")
+    add("--top-k", type=int, default=40, metavar="K",
+        help="sample among the K likeliest tokens, 0 = off (default: 40, as OpenAI's GPT-2 release)")
+    add("--top-p", type=float, default=1.0, metavar="P",
+        help="nucleus sampling: the likeliest tokens up to probability P (default: 1.0 = off)")
+    add("--min-p", type=float, default=0.0, metavar="P",
+        help="drop tokens below P times the likeliest one's probability (default: 0 = off)")
+    add("--repetition-penalty", type=float, default=1.0, metavar="R",
+        help="> 1 discourages tokens already present (default: 1.0 = off)")
+    add("--seed", type=int, help="make sampling reproducible")
+    add("--stop", action="append", default=[], metavar="TEXT",
+        help="end the response at TEXT (not printed); repeatable")
+    add("--ignore-eos", action="store_true", default=False, help="keep generating past <|endoftext|>")
+    add("--truncate", choices=("error", "left"), default="error",
+        help="a prompt that does not fit the context: error (default) or keep its most recent tokens (left)")
+    add("--stats", action="store_true", default=False,
+        help="after each response, print tokens, tokens/s and time to first token")
 
 
 def generation_options(args: argparse.Namespace):
@@ -245,7 +252,7 @@ def add_eval_commands(commands: argparse._SubParsersAction) -> None:
         parser.add_argument("--batch-size", type=positive_int, default=4, metavar="N",
                             help="sequences per forward pass (default: 4)")
         parser.add_argument("--json", action="store_true", help="print one JSON object")
-        add_model_flags(parser)
+        add_model_flags(parser, inherit=True)
         parser.set_defaults(run=run)
         return parser
 
@@ -302,8 +309,8 @@ def build_parser() -> OneLineParser:
     generate.add_argument("prompt", metavar="PROMPT", help="the prompt, or - to read it from stdin")
     generate.add_argument("--json", action="store_true",
                           help="print one JSON object: text, token counts, finish_reason")
-    add_model_flags(generate)
-    add_generation_flags(generate)
+    add_model_flags(generate, inherit=True)
+    add_generation_flags(generate, inherit=True)
     generate.set_defaults(run=run_generate)
 
     export = commands.add_parser("export", help="write a Hugging Face checkpoint folder",
@@ -311,7 +318,7 @@ def build_parser() -> OneLineParser:
                                              "layout (config.json, model.safetensors, tokenizer "
                                              "files). Existing files are never overwritten.")
     export.add_argument("output", metavar="FOLDER")
-    add_model_flags(export)
+    add_model_flags(export, inherit=True)
     export.set_defaults(run=run_export)
     add_eval_commands(commands)
     return parser
