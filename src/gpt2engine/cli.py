@@ -89,15 +89,9 @@ def generation_options(args: argparse.Namespace):
 
 def load(args: argparse.Namespace):
     """The model and tokenizer the flags name, on the device and dtype they ask for."""
-    from gpt2engine.hub import resolve_checkpoint
-    from gpt2engine.model import GPT2
-    from gpt2engine.runtime import pick_device, pick_dtype
-    from gpt2engine.tokenizer import Tokenizer
+    from gpt2engine.runtime import load_pretrained
 
-    device = pick_device(args.device)
-    folder = resolve_checkpoint(args.model, args.revision)
-    model = GPT2.from_pretrained(folder, dtype=pick_dtype(args.dtype, device), device=device)
-    return model, Tokenizer.from_pretrained(folder)
+    return load_pretrained(args.model, args.revision, args.device, args.dtype)
 
 
 def print_stats(tokens: int, started: float, first_token: float | None) -> None:

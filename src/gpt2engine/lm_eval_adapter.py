@@ -18,10 +18,8 @@ from lm_eval.api.registry import register_model
 
 from gpt2engine.evaluation import loglikelihood, loglikelihood_rolling
 from gpt2engine.generate import GenerationOptions, complete
-from gpt2engine.model import GPT2
-from gpt2engine.runtime import pick_device, pick_dtype
+from gpt2engine.runtime import load_pretrained
 from gpt2engine.sampling import SamplingParams
-from gpt2engine.tokenizer import Tokenizer
 
 DEFAULT_BATCH_SIZE = 8
 
@@ -38,10 +36,7 @@ class GPT2EngineLM(LM):
         super().__init__()
         if device is None or (device.startswith("cuda") and not torch.cuda.is_available()):
             device = "auto"  # lm_eval passes cuda:0 by default; its own hf model falls back too
-        target = pick_device(device)
-        self.model = GPT2.from_pretrained(pretrained, revision=revision,
-                                          dtype=pick_dtype(dtype, target), device=target)
-        self.tokenizer = Tokenizer.from_pretrained(pretrained, revision=revision)
+        self.model, self.tokenizer = load_pretrained(pretrained, revision, device, dtype)
         auto = str(batch_size).startswith("auto")
         self.batch_size = (max_batch_size or DEFAULT_BATCH_SIZE) if auto else int(batch_size)
 
