@@ -30,10 +30,11 @@ print(json.dumps({{"ttft": first, "decode_tps": batch * ({new} - 1) / (whole - f
 """
 ENGINES = {
     "gpt2engine": dict(
-        load="from gpt2engine import GPT2\nfrom gpt2engine.generate import generate_tokens\n"
-             "from gpt2engine.sampling import SamplingParams\n"
-             "model = GPT2.from_pretrained(folder)\nprompts = ids.tolist()",
-        generate="for _ in generate_tokens(model, prompts, new_tokens, SamplingParams(temperature=0)): pass",
+        load="from gpt2engine import GPT2, GenerationOptions, SamplingParams, Tokenizer, complete\n"
+             "model, tokenizer = GPT2.from_pretrained(folder), Tokenizer.from_pretrained(folder)\n"
+             "prompts = ids.tolist()",
+        generate="complete(model, tokenizer, prompts, GenerationOptions(max_new_tokens=new_tokens, "
+                 "sampling=SamplingParams(temperature=0), ignore_eos=True))",
     ),
     "transformers": dict(
         load="import transformers\n"

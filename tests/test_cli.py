@@ -126,7 +126,7 @@ def test_generate_stop_string_and_stats(tiny_checkpoint, engine):
     ("flags", "message"),
     [(["--temperature", "-1"], "temperature must be >= 0"), (["--top-p", "1.5"], "top_p must be"),
      (["--top-k", "x"], "argument --top-k: invalid int value: 'x'"),
-     (["--max-new-tokens", "0"], "max_new_tokens must be >= 1"),
+     (["--max-new-tokens", "0"], "max_new_tokens must be an integer >= 1"),
      (["--dtype", "int8"], "argument --dtype: invalid choice"),
      (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
      (["generate"], "the following arguments are required: PROMPT")],

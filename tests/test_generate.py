@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from gpt2engine import GPT2EngineError
-from gpt2engine.generate import GenerationOptions, RowText, complete, stream
+from gpt2engine.engine.request import TextState
+from gpt2engine.generate import GenerationOptions, complete, stream
 from gpt2engine.sampling import SamplingParams
 
 PROMPTS = ["Hello world, this is", "The", "A longer prompt, with quite a few more tokens in it than the rest"]
@@ -89,19 +90,19 @@ def test_stop_string_across_token_boundaries(engine):
 def test_end_of_text_ends_a_row_unless_ignored(engine):
     _, tokenizer = engine
     ids = tokenizer.encode("Hello world<|endoftext|> more")
-    row = RowText(tokenizer, 1, GenerationOptions(max_new_tokens=10))
+    row = TextState(tokenizer, GenerationOptions(max_new_tokens=10))
     text = "".join(row.push(t) for t in ids if row.finish_reason is None)
-    assert (text, row.result().finish_reason, row.result().completion_tokens) == ("Hello world", "stop", 2)
-    ignoring = RowText(tokenizer, 1, GenerationOptions(max_new_tokens=len(ids), ignore_eos=True))
+    assert (text, row.finish_reason, len(row.token_ids)) == ("Hello world", "stop", 2)
+    ignoring = TextState(tokenizer, GenerationOptions(max_new_tokens=len(ids), ignore_eos=True))
     text = "".join(ignoring.push(t) for t in ids)
     assert text == "Hello world<|endoftext|> more"
-    assert ignoring.result().finish_reason == "length"
+    assert ignoring.finish_reason == "length"
 
 
 def test_streaming_never_splits_a_character(engine):
     _, tokenizer = engine
     text = "Ça va? 😀 日本語 👨‍👩‍👧 🇯🇵!"
-    row = RowText(tokenizer, 1, GenerationOptions(max_new_tokens=100))
+    row = TextState(tokenizer, GenerationOptions(max_new_tokens=100))
     pieces = [row.push(t) for t in tokenizer.encode(text)]
     assert "".join(pieces) == text
     assert not any("\ufffd" in p for p in pieces)
@@ -110,7 +111,7 @@ def test_streaming_never_splits_a_character(engine):
 
 def test_held_back_stop_prefix_is_released_when_it_does_not_complete(engine):
     _, tokenizer = engine
-    row = RowText(tokenizer, 1, GenerationOptions(max_new_tokens=100, stop=("world peace",)))
+    row = TextState(tokenizer, GenerationOptions(max_new_tokens=100, stop=("world peace",)))
     pieces = [row.push(t) for t in tokenizer.encode("hello world order")]
     assert pieces == ["hello", " ", "world order"]
 
@@ -133,9 +134,10 @@ def test_empty_prompt_starts_from_end_of_text(engine):
     assert result.prompt_tokens == 1 and result.completion_tokens == 5
 
 
-@pytest.mark.parametrize(("options", "message"), [(dict(max_new_tokens=0), "max_new_tokens must be >= 1"),
-                                                   (dict(truncate="right"), "truncate must be"),
-                                                   (dict(stop=("",)), "stop strings must not be empty")])
+@pytest.mark.parametrize(("options", "message"), [
+    (dict(max_new_tokens=0), "max_new_tokens must be an integer >= 1"),
+    (dict(truncate="right"), "truncate must be"), (dict(stop=("",)), "stop strings must not be empty"),
+])
 def test_invalid_options(options, message):
     with pytest.raises(GPT2EngineError, match=message):
         GenerationOptions(**options)

@@ -15,12 +15,15 @@ from gpt2engine import GPT2EngineError
 from gpt2engine.sampling import (
     SamplingParams,
     apply_min_p,
+    apply_penalties,
     apply_repetition_penalty,
     apply_temperature,
     apply_top_k,
     apply_top_p,
+    as_int64,
     draw,
-    next_tokens,
+    exponential_noise,
+    mix64,
     process_logits,
 )
 
@@ -85,38 +88,89 @@ def test_whole_pipeline_in_transformers_order(logits, history):
     assert_same(process_logits(logits, seen_mask(history), params), theirs)
 
 
-def test_greedy_is_argmax_after_repetition_penalty(logits, history):
-    params = SamplingParams(temperature=0, repetition_penalty=5.0)
+ROW_PARAMS = [  # one row each: a batch that mixes settings
+    SamplingParams(temperature=0.8, top_k=50, top_p=0.9, min_p=0.02, repetition_penalty=1.2),
+    SamplingParams(temperature=1.3, top_k=0, top_p=0.5, repetition_penalty=0.8),
+    SamplingParams(temperature=0.5, top_k=3, min_p=0.2),
+    SamplingParams(),
+]
+
+
+def test_per_row_parameters_equal_each_row_alone(logits, history):
+    """Tensors of per-row values give each row exactly what its own numbers give it."""
     seen = seen_mask(history)
-    expected = apply_repetition_penalty(logits, seen, 5.0).argmax(-1)
-    assert torch.equal(next_tokens(logits, seen, params, []), expected)
+
+    def column(name, off=None):
+        values = [getattr(p, name) for p in ROW_PARAMS]
+        return torch.tensor([len(logits[0]) if v == off else v for v in values])
+
+    batched = apply_repetition_penalty(logits, seen, column("repetition_penalty"))
+    batched = apply_temperature(batched, column("temperature"))
+    batched = apply_top_k(batched, column("top_k", off=0))
+    batched = apply_top_p(batched, column("top_p"))
+    batched = apply_min_p(batched, column("min_p"))
+    for row, params in enumerate(ROW_PARAMS):
+        alone = process_logits(logits[row : row + 1], seen[row : row + 1], params)
+        assert_same(batched[row : row + 1], alone)
 
 
-def generators(seed, n):
-    return [torch.Generator().manual_seed(seed) for _ in range(n)]
+def test_presence_and_frequency_penalties_follow_openai(logits, history):
+    counts = torch.zeros(4, VOCAB, dtype=torch.int32).scatter_add(
+        1, history, torch.ones_like(history, dtype=torch.int32))
+    presence, frequency = torch.tensor([0.5, -1.0, 0.0, 2.0]), torch.tensor([0.3, 0.0, -0.7, 1.5])
+    ours = apply_penalties(logits, counts, presence, frequency)
+    for row in range(4):
+        for token in range(VOCAB):
+            n = int(counts[row, token])
+            expected = logits[row, token] - n * frequency[row] - (n > 0) * presence[row]
+            assert abs(float(ours[row, token] - expected)) < 1e-5
+
+
+def splitmix64_finaliser(x: int) -> int:
+    """The reference in plain Python integers."""
+    mask = 2**64 - 1
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & mask
+    return x ^ (x >> 31)
+
+
+def test_the_hash_is_splitmix64_in_wrapping_int64():
+    values = [0, 1, 12345, 2**63 - 1, 2**63, 2**64 - 1, 0x9E3779B97F4A7C15]
+    ours = mix64(torch.tensor([as_int64(v) for v in values])).tolist()
+    assert ours == [as_int64(splitmix64_finaliser(v)) for v in values]
+
+
+def test_noise_is_a_function_of_seed_draw_and_token_only():
+    seeds, draws = torch.tensor([as_int64(7), as_int64(2**64 - 1), 7]), torch.tensor([0, 3, 1])
+    noise = exponential_noise(seeds, draws, 1000)
+    alone = exponential_noise(seeds[1:2], draws[1:2], 1000)
+    assert torch.equal(noise[1], alone[0])  # alone = in the batch
+    assert not torch.equal(noise[0], noise[2])  # the next draw of the same seed differs
+    assert noise.min() > 0 and torch.isfinite(noise).all()
+    assert abs(float(noise.mean()) - 1.0) < 0.05  # Exp(1) has mean 1
 
 
 def test_fixed_seed_reproduces_a_sample_and_rows_are_independent(logits):
-    first = draw(logits, generators(7, 4))
-    assert torch.equal(draw(logits, generators(7, 4)), first)
-    assert torch.equal(draw(logits[2:3], generators(7, 1)), first[2:3])  # alone = in the batch
-    assert not torch.equal(torch.stack([draw(logits, generators(s, 4)) for s in range(5)]),
-                           first.expand(5, 4))
+    seeds, draws = torch.tensor([7, 7, 8, 9]), torch.zeros(4, dtype=torch.long)
+    first = draw(logits, seeds, draws)
+    assert torch.equal(draw(logits, seeds, draws), first)
+    assert torch.equal(draw(logits[2:3], seeds[2:3], draws[2:3]), first[2:3])  # alone = in the batch
+    others = torch.stack([draw(logits, seeds + s, draws) for s in range(1, 6)])
+    assert not torch.equal(others, first.expand(5, 4))
 
 
 def test_draw_follows_the_distribution():
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
-    generator = [torch.Generator().manual_seed(0)]
-    counts = torch.bincount(torch.cat([draw(probs.log()[None], generator) for _ in range(20000)]),
-                            minlength=4)
-    assert torch.allclose(counts / 20000, probs, atol=0.015)
+    n = 20000
+    tokens = draw(probs.log().expand(n, 4), torch.full((n,), 3), torch.arange(n))
+    assert torch.allclose(torch.bincount(tokens, minlength=4) / n, probs, atol=0.015)
 
 
 def test_filtered_tokens_are_never_drawn(logits):
     filtered = apply_top_k(logits, 3)
     allowed = ~torch.isinf(filtered)
     for seed in range(50):
-        tokens = draw(filtered, generators(seed, 4))
+        tokens = draw(filtered, torch.full((4,), seed), torch.arange(4))
         assert allowed[torch.arange(4), tokens].all()
 
 
@@ -124,7 +178,10 @@ def test_filtered_tokens_are_never_drawn(logits):
     ("params", "message"),
     [(dict(temperature=-1), "temperature must be >= 0"), (dict(top_k=-2), "top_k must be"),
      (dict(top_p=0), r"top_p must be in \(0, 1\]"), (dict(top_p=1.5), "top_p must be"),
-     (dict(min_p=2), "min_p must be"), (dict(repetition_penalty=0), "repetition_penalty must be > 0")],
+     (dict(min_p=2), "min_p must be"), (dict(repetition_penalty=0), "repetition_penalty must be > 0"),
+     (dict(presence_penalty=2.5), "presence_penalty must be in"), (dict(seed=2**64), "seed must be"),
+     (dict(seed=-1), "seed must be"), (dict(temperature=float("nan")), "temperature must be a finite"),
+     (dict(logit_bias={5: 101}), "logit_bias: bias of token 5"), (dict(top_k=1.5), "top_k must be")],
 )
 def test_invalid_parameters(params, message):
     with pytest.raises(GPT2EngineError, match=message):

@@ -12,12 +12,13 @@ from typing import TYPE_CHECKING
 __version__ = "0.1.0"
 
 _EXPORTS = {
+    "Engine": "gpt2engine.engine",
     "GPT2": "gpt2engine.model",
     "KVCache": "gpt2engine.model",
     "GPT2Config": "gpt2engine.config",
     "GPT2EngineError": "gpt2engine.errors",
-    "GenerationOptions": "gpt2engine.generate",
-    "GenerationResult": "gpt2engine.generate",
+    "GenerationOptions": "gpt2engine.engine",
+    "GenerationResult": "gpt2engine.engine",
     "complete": "gpt2engine.generate",
     "stream": "gpt2engine.generate",
     "SamplingParams": "gpt2engine.sampling",
@@ -34,9 +35,10 @@ def __getattr__(name: str):
 
 if TYPE_CHECKING:  # the same names, for type checkers and editors
     from gpt2engine.config import GPT2Config as GPT2Config
+    from gpt2engine.engine import Engine as Engine
+    from gpt2engine.engine import GenerationOptions as GenerationOptions
+    from gpt2engine.engine import GenerationResult as GenerationResult
     from gpt2engine.errors import GPT2EngineError as GPT2EngineError
-    from gpt2engine.generate import GenerationOptions as GenerationOptions
-    from gpt2engine.generate import GenerationResult as GenerationResult
     from gpt2engine.generate import complete as complete
     from gpt2engine.generate import stream as stream
     from gpt2engine.model import GPT2 as GPT2

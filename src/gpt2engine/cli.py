@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
 import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from gpt2engine.errors import GPT2EngineError
 from gpt2engine.runtime import DTYPES
+
+if TYPE_CHECKING:
+    from gpt2engine.engine import GenerationResult
 
 BANNER = "GPT-2 Inference Engine Ready"
 PROMPT = "Prompt (Type 'exit' or 'quit' to exit.) > "
@@ -77,7 +81,7 @@ def add_generation_flags(parser: argparse.ArgumentParser, inherit: bool = False)
 
 
 def generation_options(args: argparse.Namespace):
-    from gpt2engine.generate import GenerationOptions
+    from gpt2engine.engine import GenerationOptions
     from gpt2engine.sampling import SamplingParams
 
     sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
@@ -102,24 +106,32 @@ def print_stats(tokens: int, started: float, first_token: float | None) -> None:
           file=sys.stderr, flush=True)
 
 
-def respond(model, tokenizer, prompt: str, options, stats: bool) -> None:
+def respond(engine, prompt: str, options, stats: bool) -> GenerationResult:
     """Stream one response to stdout (and its statistics to stderr if asked)."""
-    from gpt2engine.generate import Generation
-
-    generation = Generation(model, tokenizer, [prompt], options)
+    request = engine.add_request(prompt, options)
     started, first_token = time.perf_counter(), None
-    for _, piece in generation:
+    for output in engine.run([request]):
         first_token = first_token or time.perf_counter()
-        print(piece, end="", flush=True)
+        print(output.text, end="", flush=True)
     print(flush=True)
+    if request.finish_reason == "error":
+        raise GPT2EngineError(request.error)
     if stats:
-        print_stats(generation.results[0].completion_tokens, started, first_token)
+        print_stats(len(request.output_ids), started, first_token)
+    return request.result()
+
+
+def load_engine(args: argparse.Namespace):
+    """One engine with one cache row: the REPL and `gpt2 generate` answer one prompt at a time."""
+    from gpt2engine.engine import Engine
+
+    return Engine(*load(args), max_batch=1)
 
 
 def run_repl(args: argparse.Namespace) -> int:
     with contextlib.suppress(ImportError):  # readline gives input() line editing and history
         import readline  # noqa: F401
-    model, tokenizer = load(args)
+    engine = load_engine(args)
     print(BANNER, flush=True)
     while True:
         try:
@@ -132,8 +144,9 @@ def run_repl(args: argparse.Namespace) -> int:
         if not prompt.strip():
             continue
         try:
-            respond(model, tokenizer, prompt, args.options, args.stats)
+            respond(engine, prompt, args.options, args.stats)
         except KeyboardInterrupt:  # Ctrl-C during a response: drop it, back to the prompt
+            engine.reset()
             print("\n[interrupted]", flush=True)
         except GPT2EngineError as error:  # e.g. a prompt too long for the context
             print(f"error: {error}", file=sys.stderr, flush=True)
@@ -141,17 +154,16 @@ def run_repl(args: argparse.Namespace) -> int:
 
 def run_generate(args: argparse.Namespace) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    model, tokenizer = load(args)
+    engine = load_engine(args)
     if args.json:
-        from gpt2engine.generate import complete
-
-        [result] = complete(model, tokenizer, [prompt], args.options)
+        with contextlib.redirect_stdout(io.StringIO()):
+            result = respond(engine, prompt, args.options, args.stats)
         print(json.dumps({"model": args.model, "text": result.text,
                           "prompt_tokens": result.prompt_tokens,
                           "completion_tokens": result.completion_tokens,
                           "finish_reason": result.finish_reason}, ensure_ascii=False))
     else:
-        respond(model, tokenizer, prompt, args.options, args.stats)
+        respond(engine, prompt, args.options, args.stats)
     return 0
 
 

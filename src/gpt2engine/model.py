@@ -18,30 +18,38 @@ from gpt2engine.config import ACTIVATIONS, GPT2Config
 from gpt2engine.errors import GPT2EngineError
 
 
-class KVCache(nn.Module):
+class KVCache:
     """One layer's keys and values, preallocated for `max_len` positions, written in place.
 
     Slot p holds the token at position p of its row, so rows of different lengths share one
     buffer, and the buffers never change shape: the decode step can be compiled or captured.
+    `rows(start, stop)` is a view of some rows (the engine prefills one request's row while the
+    others decode); attention reads only the first `length` slots, the longest row in use.
     """
 
-    def __init__(
-        self, batch_size: int, max_len: int, n_head: int, head_dim: int,
+    def __init__(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.k, self.v = k, v  # (B, nh, S, hs) each
+
+    @classmethod
+    def empty(
+        cls, batch_size: int, max_len: int, n_head: int, head_dim: int,
         dtype: torch.dtype, device: torch.device | str,
-    ) -> None:
-        super().__init__()
+    ) -> KVCache:
         shape = (batch_size, n_head, max_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        return cls(torch.zeros(shape, dtype=dtype, device=device),
+                   torch.zeros(shape, dtype=dtype, device=device))
+
+    def rows(self, start: int, stop: int) -> KVCache:
+        return KVCache(self.k[start:stop], self.v[start:stop])
 
     def update(
-        self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+        self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        # positions: (B, T), k, v: (B, nh, T, hs) -> all slots (B, nh, S, hs), (B, nh, S, hs)
+        # positions: (B, T), k, v: (B, nh, T, hs) -> slots 0..length-1 (B, nh, L, hs) twice
         index = positions[:, None, :, None].expand_as(k)
         self.k.scatter_(2, index, k)
         self.v.scatter_(2, index, v)
-        return self.k, self.v
+        return self.k[:, :, :length], self.v[:, :, :length]
 
 
 class CausalSelfAttention(nn.Module):
@@ -59,12 +67,12 @@ class CausalSelfAttention(nn.Module):
         self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
         cache: KVCache | None,
     ) -> torch.Tensor:
-        # x: (B, T, C), positions: (B, T), mask: (B, 1, T, S) or None for plain causal -> (B, T, C)
+        # x: (B, T, C), positions: (B, T), mask: (B, 1, T, L) or None for plain causal -> (B, T, C)
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         if cache is not None:
-            k, v = cache.update(positions, k, v)  # (B, nh, S, hs)
+            k, v = cache.update(positions, k, v, mask.shape[-1])  # (B, nh, L, hs)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale
         )  # (B, nh, T, hs)
@@ -140,13 +148,18 @@ class GPT2(nn.Module):
         dtype = dtype or self.wte.weight.dtype
         device = device or self.wte.weight.device
         c = self.config
-        return [KVCache(batch_size, max_len, c.n_head, c.head_dim, dtype, device) for _ in self.h]
+        return [KVCache.empty(batch_size, max_len, c.n_head, c.head_dim, dtype, device) for _ in self.h]
+
+    @property
+    def device(self) -> torch.device:
+        return self.wte.weight.device
 
     def hidden_states(
         self, idx: torch.Tensor, positions: torch.Tensor | None = None,
-        cache: list[KVCache] | None = None,
+        cache: list[KVCache] | None = None, length: int | None = None,
     ) -> torch.Tensor:
         # idx: (B, T) token ids, positions: (B, T) or None for 0..T-1 -> final hidden (B, T, C)
+        # With a cache, attention reads its first `length` slots (default: all of them).
         B, T = idx.shape
         if positions is None:
             if self.config.n_positions < T:
@@ -157,8 +170,8 @@ class GPT2(nn.Module):
             positions = torch.arange(T, device=idx.device).expand(B, T)
         mask = None  # plain causal attention over the T tokens of this call
         if cache is not None:  # a query at position p sees the cache slots 0..p of its row
-            slots = torch.arange(cache[0].k.shape[2], device=idx.device)
-            mask = (slots <= positions[..., None])[:, None]  # (B, 1, T, S)
+            slots = torch.arange(length or cache[0].k.shape[2], device=idx.device)
+            mask = (slots <= positions[..., None])[:, None]  # (B, 1, T, L)
         x = self.wte(idx) + self.wpe(positions)  # (B, T, C)
         for block, layer_cache in zip(self.h, cache or [None] * len(self.h), strict=True):
             x = block(x, positions, mask, layer_cache)
@@ -166,10 +179,10 @@ class GPT2(nn.Module):
 
     def forward(
         self, idx: torch.Tensor, positions: torch.Tensor | None = None,
-        cache: list[KVCache] | None = None,
+        cache: list[KVCache] | None = None, length: int | None = None,
     ) -> torch.Tensor:
         # idx: (B, T), positions: (B, T) or None -> logits (B, T, V)
-        return self.lm_head(self.hidden_states(idx, positions, cache))
+        return self.lm_head(self.hidden_states(idx, positions, cache, length))
 
     @classmethod
     def from_pretrained(

@@ -1,17 +1,27 @@
 """Sampling as small pure functions over logits of shape (B, V).
 
-They run in transformers' order (repetition penalty, temperature, top-k, top-p, min-p), so
-each one can be checked against its transformers logits processor on the same logits.
-Filtered tokens get -inf; the draw picks among what is left.
+They run in transformers' order (repetition penalty, temperature, top-k, top-p, min-p), so each
+one can be checked against its transformers logits processor on the same logits; OpenAI's
+presence and frequency penalties and logit bias come first, as in vLLM. Every parameter is a
+number or a (B,) tensor with one value per row, so one batch mixes requests with different
+settings. Filtered tokens get -inf; the draw picks among what is left.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 import torch
 
 from gpt2engine.errors import GPT2EngineError
+
+MAX_SEED = 2**64 - 1
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range is [-100, 100]
+
+
+def is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -20,62 +30,103 @@ class SamplingParams:
     top_k: int = 0  # 0 means no top-k filter
     top_p: float = 1.0
     min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    seed: int | None = None  # None draws a fresh seed per row
+    repetition_penalty: float = 1.0  # CTRL's rule, over prompt and output tokens
+    presence_penalty: float = 0.0  # OpenAI's rules, over output tokens
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    seed: int | None = None  # None draws a fresh seed per request
 
     def __post_init__(self) -> None:
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                     "frequency_penalty"):
+            value = getattr(self, name)
+            if not is_number(value) or not math.isfinite(value):
+                raise GPT2EngineError(f"{name} must be a finite number, got {value!r}")
         checks = [
             (self.temperature >= 0, "temperature must be >= 0"),
-            (isinstance(self.top_k, int) and self.top_k >= 0, "top_k must be an integer >= 0"),
+            (isinstance(self.top_k, int) and not isinstance(self.top_k, bool) and self.top_k >= 0,
+             "top_k must be an integer >= 0"),
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
             (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
             (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+            (-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
+            (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
+            (self.seed is None or (isinstance(self.seed, int) and not isinstance(self.seed, bool)
+                                   and 0 <= self.seed <= MAX_SEED),
+             f"seed must be an integer in [0, {MAX_SEED}]"),
         ]
         for ok, message in checks:
             if not ok:
                 raise GPT2EngineError(message)
+        for token, bias in self.logit_bias.items():
+            if not isinstance(token, int) or isinstance(token, bool) or token < 0:
+                raise GPT2EngineError(f"logit_bias: token ids must be integers >= 0, got {token!r}")
+            if not is_number(bias) or not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+                raise GPT2EngineError(f"logit_bias: bias of token {token} must be in [-100, 100]")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
 
 
-def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+Param = float | torch.Tensor  # one value for every row, or a (B,) tensor of one per row
+
+
+def column(value: Param) -> Param:
+    """A (B,) tensor as (B, 1), so it broadcasts over the vocabulary; numbers stay numbers."""
+    return value[:, None] if isinstance(value, torch.Tensor) else value
+
+
+def apply_penalties(
+    logits: torch.Tensor, counts: torch.Tensor, presence: Param, frequency: Param
+) -> torch.Tensor:
+    # logits: (B, V), counts: (B, V) times each token was generated -> (B, V), OpenAI's formula
+    counts = counts.to(logits.dtype)
+    return logits - column(frequency) * counts - column(presence) * (counts > 0).to(logits.dtype)
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: Param) -> torch.Tensor:
     # logits: (B, V), seen: (B, V) bool, tokens already in the row -> (B, V)
     # As in CTRL (Keskar et al.): shrink the logit of a seen token towards "less likely".
+    penalty = column(penalty)
     penalised = torch.where(logits < 0, logits * penalty, logits / penalty)
     return torch.where(seen, penalised, logits)
 
 
-def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+def apply_temperature(logits: torch.Tensor, temperature: Param) -> torch.Tensor:
     # (B, V) -> (B, V)
-    return logits / temperature
+    return logits / column(temperature)
 
 
-def apply_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
+def apply_top_k(logits: torch.Tensor, k: int | torch.Tensor) -> torch.Tensor:
     # (B, V) -> (B, V), keeping the k largest logits of each row (and any tied with the k-th)
-    kth_largest = torch.topk(logits, min(k, logits.shape[-1])).values[..., -1:]
+    V = logits.shape[-1]
+    if not isinstance(k, torch.Tensor):
+        kth_largest = torch.topk(logits, min(k, V)).values[..., -1:]
+    else:
+        descending = logits.sort(dim=-1, descending=True).values
+        kth_largest = descending.gather(-1, (k.clamp(1, V) - 1)[:, None])
     return logits.masked_fill(logits < kth_largest, float("-inf"))
 
 
-def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
+def apply_top_p(logits: torch.Tensor, p: Param) -> torch.Tensor:
     # (B, V) -> (B, V), keeping the smallest set of tokens whose probability reaches p
     ascending, order = torch.sort(logits)
     cumulative = ascending.softmax(dim=-1).cumsum(dim=-1)
-    drop_sorted = cumulative <= 1 - p
+    drop_sorted = cumulative <= 1 - column(p)
     drop_sorted[..., -1] = False  # the most likely token always stays
     return logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
 
 
-def apply_min_p(logits: torch.Tensor, min_p: float) -> torch.Tensor:
+def apply_min_p(logits: torch.Tensor, min_p: Param) -> torch.Tensor:
     # (B, V) -> (B, V), dropping tokens less likely than min_p times the most likely one
     probs = logits.softmax(dim=-1)
-    drop = probs < min_p * probs.amax(dim=-1, keepdim=True)
+    drop = probs < column(min_p) * probs.amax(dim=-1, keepdim=True)
     return logits.masked_fill(drop, float("-inf"))
 
 
 def process_logits(logits: torch.Tensor, seen: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """The whole pipeline before the draw, skipping the filters that are switched off."""
+    """One request's pipeline before the draw, skipping the filters that are switched off."""
     if params.repetition_penalty != 1.0:
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
     if params.greedy:
@@ -91,20 +142,42 @@ def process_logits(logits: torch.Tensor, seen: torch.Tensor, params: SamplingPar
     return logits
 
 
-def draw(logits: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
-    # logits: (B, V), one generator per row -> token ids (B,)
-    # argmax(p / E) with E ~ Exp(1) picks token i with probability p_i; each row draws its noise
-    # from its own generator, so a seeded row samples the same alone as inside a batch.
-    noise = torch.stack([
-        torch.empty(logits.shape[-1], device=logits.device).exponential_(generator=g)
-        for g in generators
-    ])
-    return (logits.float().softmax(dim=-1) / noise).argmax(dim=-1)
+# A counter-based generator: the noise of a row's n-th draw is a hash of (seed, n, token id), so
+# a seeded request samples the same alone or in any batch, on any device, and a whole batch draws
+# its noise in one call. The hash is SplitMix64's finaliser in int64 arithmetic, which wraps.
+GOLDEN = -0x61C8864680B583EB  # 0x9E3779B97F4A7C15 as a signed 64-bit number
+MIX1 = -0x40A7B892E31B1A47  # 0xBF58476D1CE4E5B9
+MIX2 = -0x6B2FB644ECCEEE15  # 0x94D049BB133111EB
 
 
-def next_tokens(
-    logits: torch.Tensor, seen: torch.Tensor, params: SamplingParams, generators: list[torch.Generator]
-) -> torch.Tensor:
-    # logits: (B, V), seen: (B, V) -> token ids (B,)
-    logits = process_logits(logits, seen, params)
-    return logits.argmax(dim=-1) if params.greedy else draw(logits, generators)
+def shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's >> is arithmetic)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def mix64(x: torch.Tensor) -> torch.Tensor:
+    # int64 tensor -> int64 tensor of the same shape, a bijective, well-mixed hash
+    x = (x ^ shift_right(x, 30)) * MIX1
+    x = (x ^ shift_right(x, 27)) * MIX2
+    return x ^ shift_right(x, 31)
+
+
+def as_int64(seed: int) -> int:
+    """A seed in [0, 2**64) as the signed 64-bit number with the same bits."""
+    return seed - 2**64 if seed >= 2**63 else seed
+
+
+def exponential_noise(seeds: torch.Tensor, draws: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    # seeds: (B,) int64, draws: (B,) int64 the index of this draw in the row -> Exp(1) noise (B, V)
+    key = mix64(seeds ^ mix64(draws * GOLDEN + 1))  # (B,)
+    tokens = torch.arange(vocab_size, device=seeds.device) * GOLDEN  # (V,)
+    bits = mix64(key[:, None] + tokens)  # (B, V)
+    uniform = (shift_right(bits, 40).float() + 0.5) * 2.0**-24  # in (0, 1), 24 random bits
+    return -torch.log(uniform)
+
+
+def draw(logits: torch.Tensor, seeds: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
+    # logits: (B, V), seeds, draws: (B,) int64 -> token ids (B,)
+    # argmax(p / E) with E ~ Exp(1) picks token i with probability p_i (the exponential race).
+    noise = exponential_noise(seeds, draws, logits.shape[-1])
+    return (logits.float().log_softmax(dim=-1) - noise.log()).argmax(dim=-1)

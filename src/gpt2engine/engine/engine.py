@@ -1,0 +1,178 @@
+"""The engine loop: `add_request`, `abort`, and `step()` = schedule -> run -> postprocess.
+
+One engine serves the REPL, `gpt2 generate`, `complete`/`stream` and the HTTP server alike:
+requests join a running batch as cache rows free up and leave it as soon as they finish, each
+with its own sampling settings. The engine is single-threaded; the server drives it from one
+thread and hands it requests through `server.py`'s queue.
+"""
+
+from __future__ import annotations
+
+import itertools
+import secrets
+import time
+
+import torch
+
+from gpt2engine.engine.request import GenerationOptions, Request, Status, StepOutput, TextState
+from gpt2engine.engine.runner import Runner
+from gpt2engine.engine.scheduler import Scheduler
+from gpt2engine.errors import GPT2EngineError
+from gpt2engine.model import GPT2
+from gpt2engine.tokenizer import Tokenizer
+
+DEFAULT_PREFILL_CHUNK = 256
+
+
+def fit_prompt(ids: list[int], context: int, options: GenerationOptions) -> list[int]:
+    """Check the prompt + new tokens fit in the context, or keep its most recent tokens."""
+    room = context - options.max_new_tokens
+    if room < 1:
+        raise GPT2EngineError(
+            f"max_new_tokens ({options.max_new_tokens}) leaves no room for a prompt in the "
+            f"model's context of {context} tokens"
+        )
+    if len(ids) <= room:
+        return ids
+    if options.truncate == "left":
+        return ids[-room:]
+    raise GPT2EngineError(
+        f"prompt of {len(ids)} tokens + {options.max_new_tokens} new tokens exceeds the model's "
+        f"context of {context}; shorten it, lower max_new_tokens, or truncate left"
+    )
+
+
+def prompt_ids(model: GPT2, tokenizer: Tokenizer, prompt: str | list[int]) -> list[int]:
+    """A prompt as token ids: text is encoded; ids are checked against both vocabularies."""
+    if isinstance(prompt, str):
+        ids = tokenizer.encode(prompt)
+    elif isinstance(prompt, list) and all(type(t) is int for t in prompt):
+        vocab = min(tokenizer.vocab_size, model.config.vocab_size)
+        bad = [t for t in prompt if not 0 <= t < vocab]
+        if bad:
+            raise GPT2EngineError(f"token id {bad[0]} is out of range [0, {vocab})")
+        ids = list(prompt)
+    else:
+        raise GPT2EngineError("a prompt is a string or a list of integer token ids")
+    if not ids:
+        if tokenizer.eot_id is None:
+            raise GPT2EngineError("empty prompt, and the tokenizer has no <|endoftext|> to start from")
+        ids = [tokenizer.eot_id]  # as OpenAI's unconditional samples start
+    return ids
+
+
+class Engine:
+    def __init__(
+        self, model: GPT2, tokenizer: Tokenizer, *, max_batch: int = 1, max_len: int | None = None,
+        max_queue: int = 64, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+    ) -> None:
+        """`max_batch` cache rows of `max_len` positions (default: the model's context) each."""
+        self.model, self.tokenizer = model, tokenizer
+        self.max_len = max_len or model.config.n_positions
+        self.scheduler = Scheduler(max_batch, max_queue, prefill_chunk)
+        self.runner = Runner(model, max_batch, self.max_len, tokenizer.vocab_size)
+        self.requests: dict[str, Request] = {}
+        self.ended: list[StepOutput] = []  # aborts since the last step, reported by the next
+        self.ids = itertools.count()
+
+    def add_request(
+        self, prompt: str | list[int], options: GenerationOptions | None = None,
+        request_id: str | None = None,
+    ) -> Request:
+        """Queue a request (raises QueueFull when the waiting queue is at its limit)."""
+        options = options or GenerationOptions()
+        request_id = request_id or f"req-{next(self.ids)}"
+        if request_id in self.requests:
+            raise GPT2EngineError(f"request id {request_id!r} is already in use")
+        ids = fit_prompt(prompt_ids(self.model, self.tokenizer, prompt), self.max_len, options)
+        seed = options.sampling.seed if options.sampling.seed is not None else secrets.randbits(64)
+        request = Request(request_id, ids, options, seed, TextState(self.tokenizer, options))
+        self.scheduler.add(request)
+        self.requests[request_id] = request
+        return request
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request now (a closed connection, Ctrl-C); its row is free for the next step."""
+        request = self.requests.get(request_id)
+        if request is not None:
+            self.finish(request, "abort")
+            self.ended.append(StepOutput(request, None, "", None, True))
+
+    def finish(self, request: Request, reason: str, error: str | None = None) -> None:
+        request.status, request.finish_reason, request.error = Status.FINISHED, reason, error
+        self.scheduler.remove(request)
+        self.requests.pop(request.request_id, None)
+
+    def reset(self) -> None:
+        """Drop every request (after Ctrl-C landed somewhere inside a step)."""
+        s = self.scheduler
+        self.scheduler = Scheduler(s.max_batch, s.max_queue, s.prefill_chunk)
+        self.requests.clear()
+        self.ended.clear()
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    def step(self) -> list[StepOutput]:
+        """Admit, prefill a chunk, decode one token for every running request, and report."""
+        outputs, self.ended = self.ended, []
+        schedule = self.scheduler.schedule()
+        for request in schedule.admitted:
+            self.runner.assign(request)
+        ready: list[Request] = []
+        logits: list[torch.Tensor] = []
+        for chunk in schedule.prefill:
+            request = chunk.request
+            try:
+                last = self.runner.prefill(request, chunk.start, chunk.stop)
+            except Exception as error:
+                outputs.append(self.fail(request, error))
+                continue
+            request.prefilled = chunk.stop
+            if last is not None:
+                request.status = Status.DECODING
+                ready.append(request)
+                logits.append(last[None])
+        decoding = schedule.decode
+        try:
+            if decoding:
+                logits.insert(0, self.runner.decode(decoding))
+            batch = decoding + ready
+            if batch:
+                outputs += self.postprocess(batch, self.runner.sample(batch, torch.cat(logits)))
+        except Exception as error:
+            outputs += [self.fail(r, error) for r in decoding + ready if not r.finished]
+        return outputs
+
+    def fail(self, request: Request, error: Exception) -> StepOutput:
+        message = str(error) if isinstance(error, GPT2EngineError) else f"internal error: {error!r}"
+        self.finish(request, "error", message)
+        return StepOutput(request, None, "", None, True)
+
+    def postprocess(self, batch: list[Request], sampled) -> list[StepOutput]:
+        outputs = []
+        for request, token, logprob, finite in zip(batch, sampled.tokens, sampled.logprobs,
+                                                   sampled.finite, strict=True):
+            if not finite:
+                outputs.append(self.fail(request, GPT2EngineError(
+                    "the model produced non-finite logits (NaN or inf); its weights or config "
+                    "are broken")))
+                continue
+            request.first_token_at = request.first_token_at or time.monotonic()
+            piece = request.text.push(token)
+            if request.text.finish_reason is not None:
+                self.finish(request, request.text.finish_reason)
+            outputs.append(StepOutput(request, token, piece, logprob, request.finished))
+        return outputs
+
+    def run(self, requests: list[Request]):
+        """Step until `requests` are finished, yielding their outputs (other requests' too)."""
+        try:
+            while not all(r.finished for r in requests):
+                yield from self.step()
+        finally:  # the caller stopped early (Ctrl-C, an error, break): free their rows
+            for request in requests:
+                if not request.finished:
+                    self.abort(request.request_id)
+            self.ended.clear()
+

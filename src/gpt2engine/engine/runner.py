@@ -1,0 +1,161 @@
+"""The tensors: the model, the preallocated KV cache, and the per-row sampling state.
+
+The runner prefills one request's chunk into its own row, runs one batched decode step over the
+rows in use (0..hi-1; a free or still-prefilling row in between computes a throwaway token in
+the cache's last slot, which no request ever reads), and samples every row's next token in one
+call with each row's own parameters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from gpt2engine.engine.request import Request, TokenLogprob
+from gpt2engine.model import GPT2
+from gpt2engine.sampling import (
+    apply_min_p,
+    apply_penalties,
+    apply_repetition_penalty,
+    apply_temperature,
+    apply_top_k,
+    apply_top_p,
+    as_int64,
+    draw,
+)
+
+
+@dataclass(frozen=True)
+class Sampled:
+    tokens: list[int]
+    logprobs: list[TokenLogprob | None]
+    finite: list[bool]  # False where the model produced NaN or inf: that request fails
+
+
+class Runner:
+    def __init__(self, model: GPT2, max_batch: int, max_len: int, vocab_limit: int) -> None:
+        self.model, self.max_len = model, max_len
+        self.cache = model.make_cache(max_batch, max_len)
+        # Padded vocabularies (a model with more rows than the tokenizer has tokens) never
+        # produce an id the tokenizer lacks.
+        self.vocab_limit = min(vocab_limit, model.config.vocab_size)
+        B, V, device = max_batch, model.config.vocab_size, model.device
+        self.temperature = torch.ones(B, device=device)
+        self.top_k = torch.zeros(B, dtype=torch.long, device=device)
+        self.top_p = torch.ones(B, device=device)
+        self.min_p = torch.zeros(B, device=device)
+        self.repetition_penalty = torch.ones(B, device=device)
+        self.presence_penalty = torch.zeros(B, device=device)
+        self.frequency_penalty = torch.zeros(B, device=device)
+        self.seeds = torch.zeros(B, dtype=torch.long, device=device)
+        self.seen = torch.zeros(B, V, dtype=torch.bool, device=device)  # prompt and output tokens
+        self.counts = torch.zeros(B, V, dtype=torch.int32, device=device)  # output tokens
+        self.bias = torch.zeros(B, V, device=device)
+
+    def assign(self, request: Request) -> None:
+        """Set up the row's sampling state for a newly admitted request."""
+        row, params, V = request.row, request.options.sampling, self.model.config.vocab_size
+        for name in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty",
+                     "presence_penalty", "frequency_penalty"):
+            getattr(self, name)[row] = getattr(params, name)
+        self.seeds[row] = as_int64(request.seed)
+        self.seen[row] = False
+        self.seen[row, request.prompt_ids] = True
+        self.counts[row] = 0
+        self.bias[row] = 0
+        for token, bias in params.logit_bias.items():
+            if token < V:
+                self.bias[row, token] = bias
+
+    @torch.inference_mode()
+    def prefill(self, request: Request, start: int, stop: int) -> torch.Tensor | None:
+        """Write prompt tokens [start, stop) into the request's row -> logits of the last prompt
+        token (V,) when this chunk ends the prompt, else None."""
+        device, row = self.model.device, request.row
+        ids = torch.tensor([request.prompt_ids[start:stop]], device=device)  # (1, T)
+        positions = torch.arange(start, stop, device=device)[None]  # (1, T)
+        view = [layer.rows(row, row + 1) for layer in self.cache]
+        hidden = self.model.hidden_states(ids, positions, view, stop)[0]  # (T, C)
+        top = request.options.prompt_logprobs
+        if top is not None:  # the logprob of each next prompt token, and the top-N there
+            targets = request.prompt_ids[start + 1 : stop + 1]
+            logprobs = self.log_softmax(self.model.lm_head(hidden[: len(targets)]))
+            request.prompt_logprobs += token_logprobs(logprobs, targets, top)
+        return self.model.lm_head(hidden[-1]) if stop == len(request.prompt_ids) else None
+
+    @torch.inference_mode()
+    def decode(self, requests: list[Request]) -> torch.Tensor:
+        """Feed each request's last token (rows 0..hi-1 in one batch) -> their logits (n, V)."""
+        hi = max(r.row for r in requests) + 1
+        tokens = [0] * hi
+        positions = [self.max_len - 1] * hi  # rows not decoding write the never-read last slot
+        for r in requests:
+            tokens[r.row], positions[r.row] = r.output_ids[-1], r.position
+        device = self.model.device
+        view = [layer.rows(0, hi) for layer in self.cache]
+        length = max(r.position for r in requests) + 1
+        logits = self.model(torch.tensor(tokens, device=device)[:, None],
+                            torch.tensor(positions, device=device)[:, None], view, length)
+        return logits[[r.row for r in requests], -1]  # (n, V)
+
+    def log_softmax(self, logits: torch.Tensor) -> torch.Tensor:
+        # (n, V) -> (n, V) float32, over the tokens the tokenizer knows
+        logits = logits.float()
+        if self.vocab_limit < logits.shape[-1]:
+            logits[..., self.vocab_limit :] = float("-inf")
+        return logits.log_softmax(dim=-1)
+
+    @torch.inference_mode()
+    def sample(self, requests: list[Request], logits: torch.Tensor) -> Sampled:
+        """The next token of each request from its logits (n, V), each with its own settings."""
+        device = logits.device
+        rows = torch.tensor([r.row for r in requests], device=device)
+        params = [r.options.sampling for r in requests]
+        logits = logits.float()
+        if self.vocab_limit < logits.shape[-1]:
+            logits[:, self.vocab_limit :] = float("-inf")
+        finite = torch.isfinite(logits[:, : self.vocab_limit]).all(dim=-1)
+        logits = torch.nan_to_num(logits, nan=0.0)  # a failing row must not disturb the draw
+        logprobs: list[TokenLogprob | None] = [None] * len(requests)
+        raw = logits.log_softmax(dim=-1) if any(r.options.logprobs is not None for r in requests) else None
+        if any(p.presence_penalty or p.frequency_penalty for p in params):
+            logits = apply_penalties(logits, self.counts[rows], self.presence_penalty[rows],
+                                     self.frequency_penalty[rows])
+        if any(p.logit_bias for p in params):
+            logits = logits + self.bias[rows]
+        if any(p.repetition_penalty != 1.0 for p in params):
+            logits = apply_repetition_penalty(logits, self.seen[rows], self.repetition_penalty[rows])
+        greedy = logits.argmax(dim=-1)
+        if all(p.greedy for p in params):
+            tokens = greedy
+        else:
+            temperature = self.temperature[rows]
+            logits = apply_temperature(logits, torch.where(temperature == 0, 1.0, temperature))
+            if any(p.top_k for p in params):
+                top_k = self.top_k[rows]
+                logits = apply_top_k(logits, torch.where(top_k == 0, logits.shape[-1], top_k))
+            if any(p.top_p < 1 for p in params):
+                logits = apply_top_p(logits, self.top_p[rows])
+            if any(p.min_p > 0 for p in params):
+                logits = apply_min_p(logits, self.min_p[rows])
+            draws = torch.tensor([len(r.output_ids) for r in requests], device=device)
+            tokens = torch.where(temperature == 0, greedy, draw(logits, self.seeds[rows], draws))
+        self.seen[rows, tokens] = True
+        self.counts[rows, tokens] += 1
+        token_list = tokens.tolist()
+        if raw is not None:
+            for i, r in enumerate(requests):
+                if r.options.logprobs is not None:
+                    [logprobs[i]] = token_logprobs(raw[i : i + 1], token_list[i : i + 1], r.options.logprobs)
+        return Sampled(token_list, logprobs, finite.tolist())
+
+
+def token_logprobs(logprobs: torch.Tensor, targets: list[int], top: int) -> list[TokenLogprob]:
+    # logprobs: (n, V), targets: n token ids -> each target's logprob and the top-`top` tokens
+    index = torch.tensor(targets, dtype=torch.long, device=logprobs.device)
+    chosen = logprobs[torch.arange(len(targets), device=logprobs.device), index].tolist()
+    best = logprobs.topk(top, dim=-1) if top else None
+    return [TokenLogprob(chosen[i], dict(zip(best.indices[i].tolist(), best.values[i].tolist(),
+                                             strict=True)) if best is not None else {})
+            for i in range(len(targets))]

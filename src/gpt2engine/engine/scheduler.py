@@ -1,0 +1,86 @@
+"""Which requests run this step: admission into free cache rows, chunked prefill, decode.
+
+The scheduler owns the free-row list of the preallocated cache and the bounded waiting queue.
+A row is held from admission to the end of its request; rows are handed out lowest first, so
+the rows in use stay packed at the front of the cache and one decode step covers rows 0..hi-1.
+A prompt enters the cache in chunks of `prefill_chunk` tokens at fixed offsets (0, C, 2C, ...),
+so the streams already decoding never wait more than about one chunk per step, and a prompt is
+computed in the same pieces whatever else is running: a request's output is its output alone.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import deque
+from dataclasses import dataclass
+
+from gpt2engine.engine.request import Request, Status
+from gpt2engine.errors import GPT2EngineError
+
+
+class QueueFull(GPT2EngineError):
+    """The waiting queue is at its limit; try again later (HTTP 503 + Retry-After)."""
+
+
+@dataclass(frozen=True)
+class PrefillChunk:
+    request: Request
+    start: int
+    stop: int
+
+
+@dataclass(frozen=True)
+class Schedule:
+    admitted: list[Request]  # new in a row this step: the runner sets up their sampling state
+    prefill: list[PrefillChunk]
+    decode: list[Request]  # requests that feed their last token this step
+
+
+class Scheduler:
+    def __init__(self, max_batch: int, max_queue: int, prefill_chunk: int) -> None:
+        if max_batch < 1 or max_queue < 0 or prefill_chunk < 1:
+            raise GPT2EngineError("max_batch and prefill_chunk must be >= 1, max_queue >= 0")
+        self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
+        self.free_rows = list(range(max_batch))  # a heap: the lowest free row first
+        self.waiting: deque[Request] = deque()
+        self.active: dict[int, Request] = {}  # row -> the request holding it
+
+    def add(self, request: Request) -> None:
+        if len(self.waiting) - len(self.free_rows) >= self.max_queue:  # free rows admit at once
+            raise QueueFull(f"the engine is busy: {len(self.active)} requests running and "
+                            f"{self.max_queue} waiting (the limit); try again later")
+        self.waiting.append(request)
+
+    def schedule(self) -> Schedule:
+        """Admit waiting requests into free rows, then pick this step's prefill chunks (about one
+        chunk's worth of tokens) and the requests that decode."""
+        admitted = []
+        while self.waiting and self.free_rows:
+            request = self.waiting.popleft()
+            request.row, request.status = heapq.heappop(self.free_rows), Status.PREFILLING
+            self.active[request.row] = request
+            admitted.append(request)
+        prefill, budget = [], self.prefill_chunk
+        for request in sorted(self.active.values(), key=lambda r: r.arrival):
+            if request.status is not Status.PREFILLING:
+                continue
+            stop = min(request.prefilled + self.prefill_chunk, len(request.prompt_ids))
+            if prefill and stop - request.prefilled > budget:
+                break
+            prefill.append(PrefillChunk(request, request.prefilled, stop))
+            budget -= stop - request.prefilled
+        decode = [r for r in self.active.values() if r.status is Status.DECODING]
+        return Schedule(admitted, prefill, sorted(decode, key=lambda r: r.row))
+
+    def remove(self, request: Request) -> None:
+        """Take a finished or aborted request out: free its row, or drop it from the queue."""
+        if request.row is not None and self.active.get(request.row) is request:
+            del self.active[request.row]
+            heapq.heappush(self.free_rows, request.row)
+            request.row = None
+        elif request in self.waiting:
+            self.waiting.remove(request)
+
+    @property
+    def rows_in_use(self) -> int:
+        return len(self.active)
