@@ -45,7 +45,7 @@ def test_staggered_arrivals_each_get_their_solo_output(engine):
     model, tokenizer = engine
     core = Engine(model, tokenizer, max_batch=3, prefill_chunk=8)
     requests, outputs, step = [], [], 0
-    while len(requests) < len(PROMPTS) or core.has_unfinished():
+    while len(requests) < len(PROMPTS) or core.has_work():
         if step % 2 == 0 and len(requests) < len(PROMPTS):
             i = len(requests)
             requests.append(core.add_request(PROMPTS[i], options(i)))
@@ -72,7 +72,7 @@ def test_batch_invariance_on_the_124m_config(gpt2_124m_checkpoint, engine):
         requests.append(core.add_request(prompt, greedy))
         for _ in range(i + 1):
             core.step()
-    while core.has_unfinished():
+    while core.has_work():
         core.step()
     for prompt, request in zip(PROMPTS, requests, strict=False):
         assert request.output_ids == complete(*pair, [prompt], greedy)[0].token_ids
@@ -103,7 +103,7 @@ def test_abort_frees_the_row_for_the_next_request(engine):
     [ended] = [o for o in core.step() if o.request is first]
     assert ended.finished and first.finish_reason == "abort"
     assert second.row == 0  # admitted in the same step the row was freed
-    while core.has_unfinished():
+    while core.has_work():
         core.step()
     assert second.output_ids == complete(model, tokenizer, ["World"], second.options)[0].token_ids
 
@@ -130,7 +130,7 @@ def test_a_failing_request_fails_alone(engine, monkeypatch):
     monkeypatch.setattr(core.runner, "prefill", broken)
     good = [core.add_request(PROMPTS[i], options(i)) for i in (0, 2)]
     bad = core.add_request("x", request_id="bad")
-    while core.has_unfinished():
+    while core.has_work():
         core.step()
     assert bad.finish_reason == "error" and "boom" in bad.error
     assert [r.output_ids for r in good] == [alone(engine, 0), alone(engine, 2)]
@@ -145,7 +145,7 @@ def test_non_finite_logits_are_an_error_not_a_token(tiny_checkpoint, engine):
     core = Engine(model, tokenizer, max_batch=2)
     bad = core.add_request("a zebra", GenerationOptions(max_new_tokens=4))
     good = core.add_request("Hello", GenerationOptions(max_new_tokens=4, sampling=GREEDY, ignore_eos=True))
-    while core.has_unfinished():
+    while core.has_work():
         core.step()
     assert bad.finish_reason == "error" and "non-finite logits" in bad.error and not bad.output_ids
     assert good.finish_reason == "length" and len(good.output_ids) == 4

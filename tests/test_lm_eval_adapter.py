@@ -38,14 +38,14 @@ metric_list:
 """
 
 
-def harness(command, model, checkpoint, tmp_path):
+def harness(command, model, checkpoint, tmp_path, model_args=None):
     tasks = tmp_path / "tasks"
     tasks.mkdir(exist_ok=True)
     (tasks / "tiny_lambada.yaml").write_text(TASK.format(data=ROOT / "examples" / "lambada.jsonl"))
     out = tmp_path / model
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     done = subprocess.run(
-        [*command, "run", "--model", model, "--model_args", f"pretrained={checkpoint}",
+        [*command, "run", "--model", model, "--model_args", model_args or f"pretrained={checkpoint}",
          "--tasks", "tiny_lambada", "--include_path", str(tasks), "--output_path", str(out),
          "--batch_size", "2", "--device", "cpu"],
         capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path,

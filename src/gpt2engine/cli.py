@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import io
 import json
+import os
 import shutil
 import sys
 import time
@@ -167,11 +168,41 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_serve(args: argparse.Namespace) -> int:
+    try:
+        from gpt2engine.server.app import Settings
+        from gpt2engine.server.serve import serve
+    except ImportError as error:
+        raise GPT2EngineError(f"the server needs its extra ({error}): "
+                              "pip install 'gpt2engine[server]'") from None
+    from gpt2engine.engine import Engine
+    from gpt2engine.runtime import pick_device
+
+    pick_device(args.device)  # a bad device fails here, before the port opens
+
+    def build_engine() -> Engine:
+        return Engine(*load(args), max_batch=args.max_batch, max_queue=args.max_queue,
+                      max_len=args.max_model_len, prefill_chunk=args.prefill_chunk)
+
+    settings = Settings(model_name=args.served_model_name or args.model, api_key=args.api_key,
+                        max_body_bytes=args.max_body_bytes)
+    return serve(build_engine, settings, args.host, args.port, args.shutdown_timeout,
+                 describe=f"{args.model}, {args.max_batch} rows, queue of {args.max_queue}")
+
+
 def run_export(args: argparse.Namespace) -> int:
     from gpt2engine.hub import resolve_checkpoint
     from gpt2engine.model import GPT2
 
     out = Path(args.output)
+    if args.format == "gguf":
+        from gpt2engine.gguf_export import export_gguf
+        from gpt2engine.tokenizer import Tokenizer
+
+        source = resolve_checkpoint(args.model, args.revision)
+        export_gguf(GPT2.from_pretrained(source), Tokenizer.from_pretrained(source), out, args.gguf_type)
+        print(f"wrote {out} (GGUF, {args.gguf_type} weights)")
+        return 0
     source = resolve_checkpoint(args.model, args.revision)
     tokenizer_files = [source / name for name in ("vocab.json", "merges.txt", "tokenizer.json")
                        if (source / name).is_file()]
@@ -288,6 +319,47 @@ def add_eval_commands(commands: argparse._SubParsersAction) -> None:
     harness.set_defaults(run=run_harness)
 
 
+def add_serve_command(commands: argparse._SubParsersAction) -> None:
+    serve = commands.add_parser(
+        "serve", help="an OpenAI-compatible HTTP server",
+        description="Serve /v1/completions (OpenAI's API, streamed or not), /v1/models, /health, "
+                    "/tokenize, /detokenize and /metrics, with continuous batching.")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    serve.add_argument("--port", type=port_number, default=8000, help="default: 8000")
+    serve.add_argument("--max-batch", type=positive_int, default=8, metavar="N",
+                       help="requests decoded together, one KV cache row each (default: 8)")
+    serve.add_argument("--max-queue", type=non_negative_int, default=64, metavar="M",
+                       help="requests waiting for a row; past that, 503 + Retry-After (default: 64)")
+    serve.add_argument("--max-model-len", type=positive_int, metavar="L",
+                       help="positions per cache row (default: the model's context)")
+    serve.add_argument("--prefill-chunk", type=positive_int, default=256, metavar="T",
+                       help="prompt tokens prefilled per step while others decode (default: 256)")
+    serve.add_argument("--api-key", default=os.environ.get("GPT2ENGINE_API_KEY"), metavar="KEY",
+                       help="require Authorization: Bearer KEY (default: $GPT2ENGINE_API_KEY; none)")
+    serve.add_argument("--served-model-name", metavar="NAME",
+                       help="the model name clients pass (default: --model as given)")
+    serve.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="S",
+                       help="on SIGTERM, seconds for requests in flight to finish (default: 30)")
+    serve.add_argument("--max-body-bytes", type=positive_int, default=4 * 2**20, metavar="B",
+                       help="largest request body; larger gets 413 (default: 4 MiB)")
+    add_model_flags(serve, inherit=True)
+    serve.set_defaults(run=run_serve)
+
+
+def port_number(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be in [0, 65535], got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -319,11 +391,19 @@ def build_parser() -> OneLineParser:
     add_generation_flags(generate, inherit=True)
     generate.set_defaults(run=run_generate)
 
-    export = commands.add_parser("export", help="write a Hugging Face checkpoint folder",
+    add_serve_command(commands)
+    export = commands.add_parser("export", help="write a Hugging Face checkpoint folder or a GGUF file",
                                  description="Load --model and write it back in the Hugging Face "
                                              "layout (config.json, model.safetensors, tokenizer "
-                                             "files). Existing files are never overwritten.")
-    export.add_argument("output", metavar="FOLDER")
+                                             "files) or as GGUF for llama.cpp. Existing files are "
+                                             "never overwritten.")
+    export.add_argument("output", metavar="FOLDER_OR_FILE",
+                        help="a folder (Hugging Face layout) or a .gguf file (--format gguf)")
+    export.add_argument("--format", choices=("hf", "gguf"), default="hf",
+                        help="hf: config.json + model.safetensors + tokenizer files (default); "
+                             "gguf: one file for llama.cpp")
+    export.add_argument("--gguf-type", choices=("f32", "f16", "bf16", "q8_0"), default="f32",
+                        help="GGUF weight type of the 2-D weights (default: f32)")
     add_model_flags(export, inherit=True)
     export.set_defaults(run=run_export)
     add_eval_commands(commands)

@@ -81,14 +81,29 @@ class Tokenizer:
         return len(self.token_bytes)
 
     def encode(self, text: str) -> list[int]:
-        return self.backend.encode(text, add_special_tokens=False).ids
+        return self.backend.encode(checked_text(text), add_special_tokens=False).ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        texts = [checked_text(t) for t in texts]
         return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids: list[int]) -> str:
         """Ids -> text; bytes that are not valid UTF-8 become U+FFFD, as in transformers."""
         return b"".join(self.token_bytes[i] for i in ids).decode("utf-8", errors="replace")
+
+
+def checked_text(text: str) -> str:
+    """Text that is valid Unicode: a lone surrogate (from bad bytes decoded with surrogateescape,
+    or a JSON "\\ud800") has no UTF-8 form and no token."""
+    if not isinstance(text, str):
+        raise GPT2EngineError(f"text must be a string, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise GPT2EngineError(
+            f"text is not valid Unicode: lone surrogate U+{ord(text[error.start]):04X} at "
+            f"character {error.start} (invalid UTF-8 in the input?)") from None
+    return text
 
 
 class StreamDecoder:

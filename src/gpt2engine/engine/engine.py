@@ -110,8 +110,9 @@ class Engine:
         self.requests.clear()
         self.ended.clear()
 
-    def has_unfinished(self) -> bool:
-        return bool(self.requests)
+    def has_work(self) -> bool:
+        """Requests to run, or aborts that the next step() still has to report."""
+        return bool(self.requests or self.ended)
 
     def step(self) -> list[StepOutput]:
         """Admit, prefill a chunk, decode one token for every running request, and report."""
@@ -159,9 +160,12 @@ class Engine:
                     "are broken")))
                 continue
             request.first_token_at = request.first_token_at or time.monotonic()
+            before = len(request.output_ids)
             piece = request.text.push(token)
             if request.text.finish_reason is not None:
                 self.finish(request, request.text.finish_reason)
+            if len(request.output_ids) == before:  # <|endoftext|>: it ends the output, not in it
+                token, logprob = None, None
             outputs.append(StepOutput(request, token, piece, logprob, request.finished))
         return outputs
 

@@ -149,8 +149,8 @@ class Request:
 
 @dataclass(frozen=True)
 class StepOutput:
-    """What one step produced for one request: a token (its text piece, maybe empty while held
-    back) and/or the end of the request."""
+    """What one step produced for one request: a token of its output (its text piece, maybe
+    empty while held back; None for the <|endoftext|> that ends it) and/or the end of it."""
 
     request: Request
     token_id: int | None

@@ -1,0 +1,167 @@
+"""Serving throughput and latency: `gpt2 serve` against llama.cpp's `llama-server --parallel 16`,
+same weights (our GGUF export of the same checkpoint), same load, in one run.
+
+Each server runs in its own process; the load is C concurrent clients (C = 1, 4, 16), each
+starting after a random delay and then sending streamed, greedy completions back to back:
+random token-id prompts of 16-64 tokens, 64 new tokens each (ignore_eos). Reported: aggregate
+generated tokens/s, time to first token p50/p99, inter-token latency p50 (per request: time
+between its first and last token over the tokens between them), and the ratios.
+
+Run: .venv/bin/python benchmarks/serving.py [--requests-per-client R] [--seed S]
+llama-server: benchmarks/build_llama_server.sh builds it (about 10 minutes), or put it on PATH;
+without it, its rows say "missing".
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import random
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+from common import CACHE, gpt2_124m_checkpoint
+
+ROOT = Path(__file__).resolve().parent
+NEW_TOKENS = 64
+CONCURRENCY = (1, 4, 16)
+THREADS = 2
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def llama_server() -> str | None:
+    built = ROOT / ".llama.cpp" / "bin" / "llama-server"
+    return str(built) if built.is_file() else shutil.which("llama-server")
+
+
+def gguf_of(folder: Path) -> Path:
+    path = CACHE / "gpt2-124m-random-f32.gguf"
+    if not path.is_file():
+        subprocess.run([str(Path(sys.executable).parent / "gpt2"), "export", str(path), "--model",
+                        str(folder), "--format", "gguf"], check=True, capture_output=True)
+    return path
+
+
+@contextlib.contextmanager
+def running(command: list[str], port: int, env: dict[str, str]):
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"{command[0]} exited: {process.stderr.read().decode()[-2000:]}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{command[0]} did not become healthy")
+            time.sleep(0.2)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+async def one_request(client: httpx.AsyncClient, url: str, prompt: list[int]) -> tuple[float, float]:
+    """(time to first token, inter-token latency) of one streamed completion."""
+    body = {"prompt": prompt, "max_tokens": NEW_TOKENS, "temperature": 0, "ignore_eos": True,
+            "stream": True}
+    started, first, last = time.perf_counter(), None, None
+    async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            choices = json.loads(line[6:]).get("choices") or [{}]
+            if choices[0].get("text"):
+                last = time.perf_counter()
+                first = first or last
+    return first - started, (last - first) / (NEW_TOKENS - 1)
+
+
+async def load(url: str, clients: int, per_client: int, rng: random.Random) -> dict[str, float]:
+    prompts = [[rng.randrange(50000) for _ in range(rng.randint(16, 64))]
+               for _ in range(clients * per_client)]
+    delays = [rng.uniform(0, 0.5) for _ in range(clients)]
+    results: list[tuple[float, float]] = []
+
+    async def client_loop(i: int, http: httpx.AsyncClient) -> None:
+        await asyncio.sleep(delays[i])
+        for j in range(per_client):
+            results.append(await one_request(http, url, prompts[i * per_client + j]))
+
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=64)) as http:
+        await one_request(http, url, prompts[0])  # warm-up
+        started = time.perf_counter()
+        await asyncio.gather(*(client_loop(i, http) for i in range(clients)))
+        elapsed = time.perf_counter() - started
+    ttfts = sorted(r[0] for r in results)
+    return {"tok_s": len(results) * NEW_TOKENS / elapsed, "ttft_p50": statistics.median(ttfts),
+            "ttft_p99": ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))],
+            "itl_p50": statistics.median(r[1] for r in results)}
+
+
+def busy() -> float:
+    """The 1-minute load average over the cores: how busy the shared machine already is."""
+    return os.getloadavg()[0] / (os.cpu_count() or 1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests-per-client", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    folder = gpt2_124m_checkpoint()
+    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS)}
+    servers = {"gpt2engine": lambda port: [str(Path(sys.executable).parent / "gpt2"), "serve", "--model",
+                                           str(folder), "--port", str(port), "--max-batch", "16",
+                                           "--max-model-len", "256"]}
+    binary = llama_server()
+    if binary:
+        model = gguf_of(folder)
+        servers["llama-server"] = lambda port: [binary, "-m", str(model), "--port", str(port), "--host",
+                                                "127.0.0.1", "--parallel", "16", "-c", str(16 * 256),
+                                                "-t", str(THREADS), "-tb", str(THREADS), "--no-webui"]
+    print(f"GPT-2 124M (random weights), float32, {THREADS} threads each, {NEW_TOKENS} new tokens per "
+          f"request, greedy, {args.requests_per_client} requests per client; load before: {busy():.2f}")
+    results: dict[str, dict[int, dict[str, float]]] = {}
+    for name, command in servers.items():
+        port = free_port()
+        with running(command(port), port, env) as url:
+            results[name] = {c: asyncio.run(load(url, c, args.requests_per_client, random.Random(args.seed)))
+                             for c in CONCURRENCY}
+    if not binary:
+        print("llama-server: missing (benchmarks/build_llama_server.sh builds it)")
+    print(f"{'server':>13} {'streams':>7} {'tokens/s':>9} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8}")
+    for name, by_streams in results.items():
+        for c, r in by_streams.items():
+            print(f"{name:>13} {c:>7} {r['tok_s']:>9.1f} {r['ttft_p50'] * 1000:>7.0f}ms "
+                  f"{r['ttft_p99'] * 1000:>7.0f}ms {r['itl_p50'] * 1000:>6.1f}ms")
+    ours = results["gpt2engine"]
+    print(f"gpt2engine: 16 streams / 1 stream aggregate = x{ours[16]['tok_s'] / ours[1]['tok_s']:.2f}")
+    if "llama-server" in results:
+        for c in CONCURRENCY:
+            ratio = ours[c]["tok_s"] / results["llama-server"][c]["tok_s"]
+            print(f"gpt2engine / llama-server at {c:>2} streams: tokens/s x{ratio:.2f}")
+    print(f"load after: {busy():.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,205 @@
+"""OpenAI's completion API shapes: requests in (checked, turned into engine options), responses
+and streamed chunks out. Modelled on vLLM's OpenAI server; nothing here touches HTTP."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from gpt2engine.engine import GenerationOptions, Request, StepOutput, TokenLogprob
+from gpt2engine.errors import GPT2EngineError
+from gpt2engine.sampling import MAX_SEED, SamplingParams
+from gpt2engine.tokenizer import Tokenizer
+
+MAX_N = 16  # choices per prompt
+MAX_PROMPTS = 64  # prompts per request
+MAX_STOP = 4  # stop strings, as OpenAI
+MAX_LOGPROBS = 5  # as OpenAI's legacy completions
+
+
+class APIError(Exception):
+    """An error for the client, in OpenAI's shape: {"error": {message, type, param, code}}."""
+
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 kind: str = "invalid_request_error", headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind = status, message, param, kind
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param,
+                          "code": self.status}}
+
+
+class Strict(BaseModel):
+    # No coercion: "5" is not 5 and 1 is not true; unknown fields are ignored, as OpenAI's are.
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class StreamOptions(Strict):
+    include_usage: bool = False
+
+
+class CompletionRequest(Strict):
+    model: str | None = Field(None, description="the served model's name (default: it)")
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        description="a string, a list of strings, a list of token ids or a list of such lists")
+    max_tokens: int | None = Field(16, description="null: as many as the context leaves")
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = Field(-1, description="-1 or 0: off")
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = Field(
+        None, description="token id (as a string) -> bias in [-100, 100]")
+    n: int = 1
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    ignore_eos: bool = False
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    logprobs: int | None = Field(None, description="0-5: the chosen token's logprob and the top N")
+    echo: bool = False
+    user: str | None = None
+    suffix: str | None = None
+    best_of: int | None = None
+
+
+class TokenizeRequest(Strict):
+    prompt: str
+    add_special_tokens: bool = False  # GPT-2 adds none either way
+
+
+class DetokenizeRequest(Strict):
+    tokens: list[int]
+
+
+def prompts_of(body: CompletionRequest) -> list[str | list[int]]:
+    check(body)
+    prompt = body.prompt
+    prompts = [prompt] if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)) else prompt
+    if not prompts:
+        raise APIError(400, "prompt must not be an empty list", "prompt")
+    if len(prompts) > MAX_PROMPTS:
+        raise APIError(400, f"prompt: at most {MAX_PROMPTS} prompts per request", "prompt")
+    return list(prompts)
+
+
+def choice_seed(seed: int | None, choice: int) -> int | None:
+    """Choice 0 uses the seed itself (so n=1 samples as the library does); the others differ."""
+    if seed is None or choice == 0:
+        return seed
+    return (seed + choice * 0x9E3779B97F4A7C15) % (MAX_SEED + 1)
+
+
+def check(body: CompletionRequest) -> None:
+    """The request-wide fields; a value out of range is a 400 naming its field."""
+    if body.suffix:
+        raise APIError(400, "suffix is not supported", "suffix")
+    if body.best_of not in (None, body.n):
+        raise APIError(400, "best_of other than n is not supported", "best_of")
+    if not 1 <= body.n <= MAX_N:
+        raise APIError(400, f"n must be in [1, {MAX_N}]", "n")
+    if body.logprobs is not None and not 0 <= body.logprobs <= MAX_LOGPROBS:
+        raise APIError(400, f"logprobs must be in [0, {MAX_LOGPROBS}]", "logprobs")
+    stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
+    if len(stop) > MAX_STOP or not all(stop):
+        raise APIError(400, f"stop: at most {MAX_STOP} non-empty strings", "stop")
+
+
+def options_for(body: CompletionRequest, prompt_tokens: int, context: int, choice: int) -> GenerationOptions:
+    """Engine options for one choice of one prompt (after `check`)."""
+    stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
+    max_tokens = context - prompt_tokens if body.max_tokens is None else body.max_tokens
+    if max_tokens < 1:
+        raise APIError(400, f"max_tokens must be >= 1, got {max_tokens}", "max_tokens")
+    if max_tokens + prompt_tokens > context:
+        raise APIError(400, f"prompt of {prompt_tokens} tokens + max_tokens {max_tokens} exceeds the "
+                            f"model's context of {context} tokens", "max_tokens" if
+                       prompt_tokens < context else "prompt")
+    try:
+        bias = {int(token): value for token, value in (body.logit_bias or {}).items()}
+    except ValueError:
+        raise APIError(400, "logit_bias keys must be token ids", "logit_bias") from None
+    try:
+        sampling = SamplingParams(
+            temperature=body.temperature, top_k=max(body.top_k, 0), top_p=body.top_p, min_p=body.min_p,
+            repetition_penalty=body.repetition_penalty, presence_penalty=body.presence_penalty,
+            frequency_penalty=body.frequency_penalty, logit_bias=bias,
+            seed=choice_seed(body.seed, choice))
+        return GenerationOptions(max_new_tokens=max_tokens, sampling=sampling, stop=tuple(stop),
+                                 ignore_eos=body.ignore_eos, logprobs=body.logprobs,
+                                 prompt_logprobs=body.logprobs if body.echo else None)
+    except GPT2EngineError as error:
+        message = str(error)
+        raise APIError(400, message, message.split(" ")[0].rstrip(":")) from None
+
+
+@dataclass
+class Choice:
+    """One choice's text and logprobs as they accumulate (also the unit of a streamed chunk)."""
+
+    index: int
+    tokenizer: Tokenizer
+    want_logprobs: bool
+    text: str = ""
+    finish_reason: str | None = None
+    tokens: list[str] = field(default_factory=list)
+    token_logprobs: list[float | None] = field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = field(default_factory=list)
+    text_offset: list[int] = field(default_factory=list)
+    offset: int = 0  # characters of this choice's text so far, for text_offset
+
+    def add(self, text: str, token_ids: list[int], logprobs: list[TokenLogprob | None]) -> dict[str, Any]:
+        """Append text and its tokens' logprobs -> the chunk choice for just this part."""
+        start = len(self.tokens)
+        self.text += text
+        if self.want_logprobs:
+            for token_id, logprob in zip(token_ids, logprobs, strict=True):
+                piece = self.tokenizer.decode([token_id])
+                self.tokens.append(piece)
+                self.token_logprobs.append(None if logprob is None else logprob.logprob)
+                self.top_logprobs.append(None if logprob is None else
+                                         {self.tokenizer.decode([t]): v for t, v in logprob.top.items()})
+                self.text_offset.append(self.offset)
+                self.offset += len(piece)
+        return self.as_dict(start, text)
+
+    def as_dict(self, start: int = 0, text: str | None = None) -> dict[str, Any]:
+        logprobs = None
+        if self.want_logprobs:
+            logprobs = {"tokens": self.tokens[start:], "token_logprobs": self.token_logprobs[start:],
+                        "top_logprobs": self.top_logprobs[start:], "text_offset": self.text_offset[start:]}
+        return {"index": self.index, "text": self.text if text is None else text,
+                "logprobs": logprobs, "finish_reason": self.finish_reason}
+
+    def echo(self, request: Request) -> dict[str, Any]:
+        """The prompt, as the start of the choice, with its logprobs (the first one null)."""
+        ids = request.prompt_ids
+        logprobs = [None, *request.prompt_logprobs] if self.want_logprobs else [None] * len(ids)
+        return self.add(self.tokenizer.decode(ids), ids, logprobs)
+
+    def take(self, output: StepOutput) -> dict[str, Any]:
+        """A step's output -> the chunk choice for it."""
+        if output.finished:
+            self.finish_reason = output.request.finish_reason
+        ids = [] if output.token_id is None else [output.token_id]
+        return self.add(output.text, ids, [output.logprob] * len(ids))
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def completion(completion_id: str, model: str, choices: list[dict], usage_: dict | None) -> dict[str, Any]:
+    body = {"id": completion_id, "object": "text_completion", "created": int(time.time()),
+            "model": model, "choices": choices}
+    if usage_ is not None:
+        body["usage"] = usage_
+    return body

@@ -1,0 +1,371 @@
+"""`gpt2 serve` as clients use it: a real server on loopback, started and stopped here, driven by
+the official openai client, lm-evaluation-harness, raw HTTP and signals. Every wait is bounded."""
+
+import contextlib
+import json
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from test_lm_eval_adapter import LM_EVAL_COMMAND, harness
+
+from gpt2engine.evaluation import Span, score_spans
+from gpt2engine.generate import GenerationOptions, complete
+from gpt2engine.sampling import SamplingParams
+
+GPT2_COMMAND = str(Path(sys.executable).parent / "gpt2")
+NAME = "tiny-gpt2"
+KEY = "sk-test-key"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, checkpoint, *flags: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process = subprocess.Popen(
+            [GPT2_COMMAND, "serve", "--model", str(checkpoint), "--served-model-name", NAME,
+             "--port", str(self.port), *flags],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, self.process.communicate()[1]
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            time.sleep(0.1)
+        raise TimeoutError("server did not become healthy")
+
+    def post(self, path: str, body=None, headers=None) -> httpx.Response:
+        # json.dumps escapes lone surrogates ("\ud800"), as a hostile client may send them
+        return httpx.post(f"{self.url}{path}", content=json.dumps(body), timeout=60,
+                          headers={"content-type": "application/json", **(headers or {})})
+
+    def metric(self, name: str, **kwargs) -> float:
+        text = httpx.get(f"{self.url}/metrics", timeout=10, **kwargs).text
+        [value] = [line.split()[-1] for line in text.splitlines() if line.startswith(name + " ")]
+        return float(value)
+
+    def stop(self, signalled: bool = False) -> tuple[int, str]:
+        if not signalled and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            _, err = self.process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            _, err = self.process.communicate()
+        return self.process.returncode, err
+
+
+@pytest.fixture(scope="module")
+def server(tiny_checkpoint):
+    running = Server(tiny_checkpoint, "--max-batch", "4", "--max-body-bytes", "100000")
+    yield running
+    code, err = running.stop()
+    assert code == 0 and "Traceback" not in err, err
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def long_context(make_checkpoint):
+    """Generation long enough (thousands of tokens) to still run while a test acts on it."""
+    return make_checkpoint(n_embd=32, n_layer=2, n_head=4, n_positions=4096, vocab_size=50257)
+
+
+GREEDY = SamplingParams(temperature=0)
+
+
+def library(engine, prompt, max_tokens=12, sampling=GREEDY, **options):
+    model, tokenizer = engine
+    options = GenerationOptions(max_new_tokens=max_tokens, sampling=sampling, **options)
+    return complete(model, tokenizer, [prompt], options)[0]
+
+
+def test_completion_through_the_openai_client(client, engine):
+    result = client.completions.create(model=NAME, prompt="Hello there", max_tokens=12, temperature=0)
+    expected = library(engine, "Hello there")
+    assert result.choices[0].text == expected.text
+    assert result.choices[0].finish_reason == expected.finish_reason
+    assert (result.usage.prompt_tokens, result.usage.completion_tokens) == (2, expected.completion_tokens)
+    assert [m.id for m in client.models.list().data] == [NAME]
+
+
+def test_streamed_completion_with_usage(client, engine):
+    chunks = list(client.completions.create(model=NAME, prompt="Once upon a time", max_tokens=20,
+                                            temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    expected = library(engine, "Once upon a time", max_tokens=20)
+    assert len(chunks) > 2
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == expected.text
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == expected.completion_tokens
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == expected.finish_reason
+
+
+def test_token_id_prompts_and_several_prompts(client, engine):
+    _, tokenizer = engine
+    ids = tokenizer.encode("The isle is full of noises")
+    by_ids = client.completions.create(model=NAME, prompt=ids, max_tokens=10, temperature=0)
+    assert by_ids.choices[0].text == library(engine, "The isle is full of noises", max_tokens=10).text
+    prompts = ["First prompt", "Second"]
+    several = client.completions.create(model=NAME, prompt=[tokenizer.encode(p) for p in prompts],
+                                        max_tokens=6, temperature=0)
+    assert [c.text for c in sorted(several.choices, key=lambda c: c.index)] == [
+        library(engine, p, max_tokens=6).text for p in prompts]
+
+
+def test_n_choices_are_seeded_and_distinct(client, engine):
+    result = client.completions.create(model=NAME, prompt="Be not afeard", max_tokens=12, n=3, seed=7,
+                                       temperature=1.0, extra_body={"ignore_eos": True})
+    texts = [c.text for c in sorted(result.choices, key=lambda c: c.index)]
+    assert len(set(texts)) == 3
+    assert texts[0] == library(engine, "Be not afeard", sampling=SamplingParams(seed=7), ignore_eos=True).text
+    again = client.completions.create(model=NAME, prompt="Be not afeard", max_tokens=12, n=3, seed=7,
+                                      extra_body={"ignore_eos": True})
+    assert [c.text for c in sorted(again.choices, key=lambda c: c.index)] == texts
+    assert result.usage.completion_tokens == 36
+
+
+def test_logprobs_and_echo_equal_the_library_loglikelihoods(client, engine):
+    model, tokenizer = engine
+    prompt = "The quality of mercy is not strained"
+    result = client.completions.create(model=NAME, prompt=prompt, max_tokens=2, temperature=0,
+                                       logprobs=3, echo=True)
+    ids = tokenizer.encode(prompt)
+    logprobs = result.choices[0].logprobs
+    assert result.choices[0].text.startswith(prompt)
+    assert logprobs.tokens[: len(ids)] == [tokenizer.decode([t]) for t in ids]
+    assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+    scores = score_spans(model, [Span(ids[: i + 1], i) for i in range(1, len(ids))])
+    assert logprobs.token_logprobs[1 : len(ids)] == pytest.approx([s.logprob for s in scores], abs=1e-4)
+    assert all(len(top) == 3 for top in logprobs.top_logprobs[1:])
+    assert logprobs.text_offset[: len(ids)] == [len(tokenizer.decode(ids[:i])) for i in range(len(ids))]
+    assert len(logprobs.tokens) == len(ids) + 2  # the prompt, then the two generated tokens
+
+
+def test_lm_eval_local_completions_scores_like_the_library(server, tiny_checkpoint, tmp_path):
+    args = (f"base_url={server.url}/v1/completions,model={NAME},tokenizer_backend=remote,"
+            "tokenized_requests=True,num_concurrent=2,max_retries=1")
+    served = harness([LM_EVAL_COMMAND], "local-completions", tiny_checkpoint, tmp_path, model_args=args)
+    ours = harness([LM_EVAL_COMMAND], "gpt2engine", tiny_checkpoint, tmp_path)
+    assert served["acc,none"] == ours["acc,none"]
+    assert served["perplexity,none"] == pytest.approx(ours["perplexity,none"], rel=1e-4)
+
+
+def test_sixteen_staggered_clients_each_get_their_solo_output(server, client, engine):
+    prompts = [f"Client {i} says" + " hello" * (i % 5) for i in range(16)]
+    expected = [library(engine, p, max_tokens=8 + i, ignore_eos=True).text for i, p in enumerate(prompts)]
+    results: dict[int, str] = {}
+
+    def ask(i: int) -> None:
+        time.sleep(0.03 * i)
+        result = client.completions.create(model=NAME, prompt=prompts[i], max_tokens=8 + i, temperature=0,
+                                           extra_body={"ignore_eos": True}, stream=i % 2 == 1)
+        results[i] = result.choices[0].text if i % 2 == 0 else "".join(c.choices[0].text for c in result)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert [results.get(i) for i in range(16)] == expected
+    assert httpx.get(f"{server.url}/health").status_code == 200
+    assert server.metric("gpt2engine_requests_running") == 0
+
+
+BAD_REQUESTS = [
+    ({"prompt": "hi", "max_tokens": "5"}, 400, "max_tokens"),
+    ({"prompt": "hi", "temperature": -1}, 400, "temperature"),
+    ({"prompt": "hi", "top_p": 0}, 400, "top_p"),
+    ({"prompt": "hi", "n": 0}, 400, "n"),
+    ({"prompt": "hi", "n": True}, 400, "n"),
+    ({"prompt": "hi", "logprobs": 6}, 400, "logprobs"),
+    ({"prompt": "hi", "seed": 2**64}, 400, "seed"),
+    ({"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ({"prompt": "hi", "logit_bias": {"x": 1}}, 400, "logit_bias"),
+    ({"prompt": "hi", "logit_bias": {"5": 500}}, 400, "logit_bias"),
+    ({"prompt": "hi", "stream": "yes"}, 400, "stream"),
+    ({"prompt": 5}, 400, "prompt"),
+    ({"prompt": []}, 400, "prompt"),
+    ({"prompt": [1, -3]}, 400, "prompt"),
+    ({"prompt": [[1, 2], [99999999]]}, 400, "prompt"),
+    ({"prompt": "\ud800 lone surrogate"}, 400, "prompt"),
+    ({"prompt": "word " * 200}, 400, "prompt"),
+    ({"prompt": "hi", "max_tokens": 500}, 400, "max_tokens"),
+    ({}, 400, "prompt"),
+    ({"prompt": "hi", "model": "gpt-4"}, 404, "model"),
+]
+
+
+@pytest.mark.parametrize(("body", "status", "param"), BAD_REQUESTS)
+def test_bad_requests_get_openai_errors_naming_the_field(server, body, status, param):
+    response = server.post("/v1/completions", body)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and error["message"] and error["type"]
+
+
+def test_prompt_too_long_names_both_lengths(server):
+    body = {"prompt": "word" + " word" * 199, "max_tokens": 5}
+    error = server.post("/v1/completions", body).json()["error"]
+    assert "200 tokens" in error["message"] and "context of 128" in error["message"]
+
+
+@pytest.mark.parametrize(("content", "status", "kind"), [
+    (b"{not json", 400, "not valid JSON"), (b"[1, 2]", 400, "body"),
+    (b'{"prompt": "' + b"a" * 200_000 + b'"}', 413, "over the limit"),
+    (b"\xff\xfe", 400, "not valid JSON"),
+])
+def test_malformed_and_oversized_bodies(server, content, status, kind):
+    response = httpx.post(f"{server.url}/v1/completions", content=content, timeout=30,
+                          headers={"content-type": "application/json"})
+    assert response.status_code == status and kind in response.json()["error"]["message"]
+
+
+def test_other_routes(server, engine):
+    _, tokenizer = engine
+    chat = server.post("/v1/chat/completions", {"messages": []})
+    assert chat.status_code == 404 and "/v1/completions" in chat.json()["error"]["message"]
+    assert httpx.get(f"{server.url}/nowhere").status_code == 404
+    tokens = server.post("/tokenize", {"prompt": "Hello world"}).json()
+    assert tokens["tokens"] == tokenizer.encode("Hello world") and tokens["count"] == 2
+    assert server.post("/detokenize", {"tokens": tokens["tokens"]}).json() == {"prompt": "Hello world"}
+    assert server.post("/detokenize", {"tokens": [10**9]}).status_code == 400
+    surrogate = server.post("/tokenize", {"prompt": "\udc80"}).json()["error"]["message"]
+    assert surrogate.startswith("text is not valid Unicode")
+    assert "/v1/completions" in httpx.get(f"{server.url}/openapi.json").json()["paths"]
+    metrics = httpx.get(f"{server.url}/metrics").text
+    for name in ("gpt2engine_time_to_first_token_seconds_bucket", "gpt2engine_inter_token_latency_seconds",
+                 "gpt2engine_e2e_request_latency_seconds", "gpt2engine_prompt_tokens_total",
+                 "gpt2engine_generation_tokens_total", "gpt2engine_requests_aborted_total",
+                 "gpt2engine_requests_waiting", "gpt2engine_cache_rows_in_use"):
+        assert name in metrics
+
+
+def wait_until(condition, seconds=30.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.05)
+
+
+class OpenStream:
+    """A streamed completion read on a thread of its own until closed."""
+
+    def __init__(self, server: Server, body: dict) -> None:
+        self.started, self.leave = threading.Event(), threading.Event()
+        self.thread = threading.Thread(target=self.run, args=(f"{server.url}/v1/completions", body))
+        self.thread.start()
+
+    def run(self, url: str, body: dict) -> None:
+        with httpx.stream("POST", url, json=body, timeout=60) as response:
+            for _ in response.iter_lines():  # leaving the loop closes the connection
+                self.started.set()
+                if self.leave.is_set():
+                    break
+
+    def close(self) -> None:  # the client goes away mid-stream
+        self.leave.set()
+        self.thread.join(timeout=30)
+
+
+def test_a_full_queue_answers_503_at_once_and_a_disconnect_frees_the_row(long_context):
+    server = Server(long_context, "--max-batch", "1", "--max-queue", "1")
+    long = {"prompt": "Go", "max_tokens": 4000, "ignore_eos": True, "stream": True}
+    try:
+        running = OpenStream(server, long)
+        assert running.started.wait(30)
+        waiting = OpenStream(server, long)
+        wait_until(lambda: server.metric("gpt2engine_requests_waiting") == 1)
+        started = time.monotonic()
+        refused = server.post("/v1/completions", {"prompt": "Hi"})
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+        assert time.monotonic() - started < 5
+        assert "try again later" in refused.json()["error"]["message"]
+        running.close()  # its row goes to the waiting request within a step
+        assert waiting.started.wait(30)
+        assert server.metric("gpt2engine_requests_aborted_total") == 1
+        waiting.close()
+        wait_until(lambda: server.metric("gpt2engine_cache_rows_in_use") == 0)
+        assert server.metric("gpt2engine_requests_aborted_total") == 2
+    finally:
+        assert server.stop()[0] == 0
+
+
+def test_api_key(tiny_checkpoint):
+    server = Server(tiny_checkpoint, "--api-key", KEY)
+    try:
+        body = {"prompt": "Hi", "max_tokens": 2}
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+            response = server.post("/v1/completions", body, headers)
+            assert response.status_code == 401 and response.json()["error"]["type"] == "authentication_error"
+        assert httpx.get(f"{server.url}/metrics").status_code == 401
+        assert httpx.get(f"{server.url}/health").status_code == 200
+        keyed = openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0)
+        assert keyed.completions.create(model=NAME, prompt="Hi", max_tokens=2).usage.completion_tokens >= 1
+    finally:
+        assert server.stop()[0] == 0
+
+
+def test_sigterm_drains_then_exits_0(long_context):
+    server = Server(long_context, "--shutdown-timeout", "60")
+    short = {"prompt": "Go", "max_tokens": 300, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=short, timeout=60) as response:
+        lines = response.iter_lines()
+        next(lines)
+        server.process.send_signal(signal.SIGTERM)
+        wait_until(lambda: httpx.get(f"{server.url}/health").status_code == 503)
+        assert server.post("/v1/completions", {"prompt": "Hi"}).status_code == 503
+        rest = [line for line in lines if line]
+    assert rest[-1] == "data: [DONE]"
+    finishes = [json.loads(line[6:])["choices"][0]["finish_reason"] for line in rest[:-1]]
+    assert finishes[-1] == "length"  # finished in full, within the shutdown timeout
+    code, err = server.stop(signalled=True)
+    assert code == 0 and "Traceback" not in err
+
+
+def test_sigterm_aborts_what_outlives_the_timeout(long_context):
+    server = Server(long_context, "--shutdown-timeout", "0.5")
+    body = {"prompt": "Go", "max_tokens": 4000, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60) as response:
+        lines = response.iter_lines()
+        next(lines)
+        server.process.send_signal(signal.SIGTERM)
+        rest = [line for line in lines if line]
+    finishes = [json.loads(line[6:])["choices"][0]["finish_reason"] for line in rest[:-1]]
+    assert finishes[-1] == "abort" and rest[-1] == "data: [DONE]"
+    code, err = server.stop(signalled=True)
+    assert code == 0 and "aborting 1 request" in err
+
+
+def test_serve_errors_are_one_line(tiny_checkpoint, tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        taken = subprocess.run([GPT2_COMMAND, "serve", "--model", str(tiny_checkpoint), "--port", str(port)],
+                               capture_output=True, text=True, timeout=60)
+    missing = subprocess.run([GPT2_COMMAND, "serve", "--model", str(tmp_path / "none"), "--port", "0"],
+                             capture_output=True, text=True, timeout=60)
+    for result, message in ((taken, "cannot listen on"), (missing, "no such folder")):
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+        [line] = [line for line in result.stderr.splitlines() if line.startswith("gpt2: error:")]
+        assert message in line
+    bad_flag = subprocess.run([GPT2_COMMAND, "serve", "--port", "70000"], capture_output=True, text=True)
+    assert bad_flag.returncode == 2 and bad_flag.stderr.count("\n") == 1
+
