@@ -80,8 +80,13 @@ def test_rolling_and_generation_requests(tiny_checkpoint):
 
 
 def test_gpt2_eval_harness_is_lm_eval_with_the_model_registered(tiny_checkpoint, tmp_path):
+    from gpt2engine.evaluation import lambada, read_lambada
+
     ours = harness([GPT2_COMMAND, "eval", "harness"], "gpt2engine", tiny_checkpoint, tmp_path)
-    assert 0 <= ours["acc,none"] <= 1
+    model, tokenizer = GPT2.from_pretrained(tiny_checkpoint), Tokenizer.from_pretrained(tiny_checkpoint)
+    library = lambada(model, tokenizer, read_lambada(ROOT / "examples" / "lambada.jsonl"))
+    assert ours["acc,none"] == library["accuracy"]
+    assert ours["perplexity,none"] == pytest.approx(library["perplexity"], rel=1e-4)
 
 
 def test_harness_help_is_lm_evals_own():

@@ -108,6 +108,10 @@ def test_untied_lm_head(tmp_path):
 def test_dtype_and_single_copy_of_weights(checkpoint):
     model = GPT2.from_pretrained(checkpoint, dtype=torch.bfloat16)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for t in model.state_dict().values()}
+    # every parameter in its own buffer of exactly its size, the tied head sharing the embedding's
+    assert sum(storages.values()) == model.config.parameter_count() * 2
     assert not any(p.is_meta for p in model.parameters())
     assert model.h[0].attn.c_attn.weight.shape == (3 * 42, 42)  # Linear layout after transpose
 
@@ -161,7 +165,8 @@ def test_corrupt_weight_file(tmp_path, checkpoint, reference, weights):
     torch.save(hf_tensors(reference), checkpoint / "pytorch_model.bin")
     (checkpoint / "model.safetensors").unlink()
     data = (checkpoint / "pytorch_model.bin").read_bytes()
-    (checkpoint / weights).write_bytes(data[: len(data) // 3])
+    cut = len(data) // 3  # the first third, then zeros: the size is right, the content is not
+    (checkpoint / weights).write_bytes(data[:cut] + bytes(len(data) - cut))
     with pytest.raises(GPT2EngineError, match=rf"{weights}: not a readable weight file"):
         GPT2.from_pretrained(checkpoint)
 
@@ -175,7 +180,8 @@ def test_truncated_safetensors(checkpoint):
 
 
 def test_pickled_code_is_refused(tmp_path, reference):
-    torch.save({"payload": shutil.rmtree}, tmp_path / "pytorch_model.bin")  # not a tensor
+    padding = torch.zeros(60_000)  # big enough to pass the size check and reach the unpickler
+    torch.save({"payload": shutil.rmtree, "pad": padding}, tmp_path / "pytorch_model.bin")
     write_config(tmp_path)
     with pytest.raises(GPT2EngineError, match="pytorch_model.bin: not a readable weight file"):
         GPT2.from_pretrained(tmp_path)

@@ -12,7 +12,6 @@ import contextlib
 import io
 import json
 import os
-import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -26,6 +25,8 @@ if TYPE_CHECKING:
     from gpt2engine.engine import GenerationResult
 
 BANNER = "GPT-2 Inference Engine Ready"
+MAX_NEW_TOKENS = 2**17  # no GPT-2 context is longer (GPT2Config's bound)
+MAX_INPUT_BYTES = 16 * 2**20  # a prompt from stdin
 PROMPT = "Prompt (Type 'exit' or 'quit' to exit.) > "
 
 
@@ -52,14 +53,17 @@ def add_model_flags(parser: argparse.ArgumentParser, inherit: bool = False) -> N
     add("--model", default="gpt2", metavar="NAME_OR_PATH",
         help="a checkpoint folder or a Hugging Face Hub id (default: gpt2)")
     add("--revision", help="Hub branch, tag or commit (default: main)")
-    add("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:1, mps ...")
+    add("--device", default="auto", type=device_name,
+        help="auto (CUDA when present, else CPU), cpu, cuda, cuda:1, mps, xpu")
     add("--dtype", default="auto", choices=DTYPES,
         help="weights and activations; auto = float32 on CPU, float16 on CUDA")
+    add("--quiet", action="store_true", default=False,
+        help="say nothing on stderr while loading (which checkpoint, from where, device, dtype)")
 
 
 def add_generation_flags(parser: argparse.ArgumentParser, inherit: bool = False) -> None:
     add = shared_flag(parser.add_argument_group("generation"), inherit)
-    add("--max-new-tokens", type=int, default=200, metavar="N",
+    add("--max-new-tokens", type=bounded_int(1, MAX_NEW_TOKENS), default=200, metavar="N",
         help="most tokens to generate per response (default: 200)")
     add("--temperature", type=float, default=1.0, metavar="T",
         help="0 = greedy; lower is more focused (default: 1.0)")
@@ -93,10 +97,27 @@ def generation_options(args: argparse.Namespace):
 
 
 def load(args: argparse.Namespace):
-    """The model and tokenizer the flags name, on the device and dtype they ask for."""
+    """The model and tokenizer the flags name, on the device and dtype they ask for; what is
+    loading goes to stderr (so scripts reading stdout are undisturbed) unless --quiet."""
     from gpt2engine.runtime import load_pretrained
 
-    return load_pretrained(args.model, args.revision, args.device, args.dtype)
+    def say(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    return load_pretrained(args.model, args.revision, args.device, args.dtype,
+                           say=None if args.quiet else say)
+
+
+def read_stdin() -> str:
+    """All of stdin as UTF-8 text, at most MAX_INPUT_BYTES of it."""
+    data = sys.stdin.buffer.read(MAX_INPUT_BYTES + 1)
+    if len(data) > MAX_INPUT_BYTES:
+        raise GPT2EngineError(f"stdin: more than {MAX_INPUT_BYTES // 2**20} MiB; a prompt is far "
+                              "shorter (the context is at most a few thousand tokens)")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise GPT2EngineError(f"stdin: not UTF-8 text (byte {error.start})") from None
 
 
 def print_stats(tokens: int, started: float, first_token: float | None) -> None:
@@ -140,6 +161,9 @@ def run_repl(args: argparse.Namespace) -> int:
         except (EOFError, KeyboardInterrupt):  # Ctrl-D or Ctrl-C at the prompt
             print()
             return 0
+        except UnicodeDecodeError as error:  # bytes that are not UTF-8: say so, keep the session
+            print(f"error: the line is not UTF-8 text (byte {error.start})", file=sys.stderr, flush=True)
+            continue
         if prompt.strip() in ("exit", "quit"):
             return 0
         if not prompt.strip():
@@ -154,7 +178,7 @@ def run_repl(args: argparse.Namespace) -> int:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    prompt = read_stdin() if args.prompt == "-" else args.prompt
     engine = load_engine(args)
     if args.json:
         with contextlib.redirect_stdout(io.StringIO()):
@@ -204,14 +228,9 @@ def run_export(args: argparse.Namespace) -> int:
         print(f"wrote {out} (GGUF, {args.gguf_type} weights)")
         return 0
     source = resolve_checkpoint(args.model, args.revision)
-    tokenizer_files = [source / name for name in ("vocab.json", "merges.txt", "tokenizer.json")
-                       if (source / name).is_file()]
-    clash = [out / p.name for p in tokenizer_files if (out / p.name).exists()]
-    if clash:
-        raise GPT2EngineError(f"{clash[0]} already exists; refusing to overwrite it")
-    GPT2.from_pretrained(source).save_pretrained(out)
-    for path in tokenizer_files:
-        shutil.copyfile(path, out / path.name)
+    tokenizer_files = tuple(source / name for name in ("vocab.json", "merges.txt", "tokenizer.json")
+                            if (source / name).is_file())
+    GPT2.from_pretrained(source).save_pretrained(out, extra_files=tokenizer_files)
     print(f"wrote {out} (config.json, model.safetensors"
           + "".join(f", {p.name}" for p in tokenizer_files) + ")")
     return 0
@@ -353,6 +372,27 @@ def port_number(text: str) -> int:
     return value
 
 
+def bounded_int(low: int, high: int):
+    """argparse type: an integer in [low, high]."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be in [{low}, {high}], got {value}")
+        return value
+
+    return parse
+
+
+def device_name(text: str) -> str:
+    from gpt2engine.runtime import check_device_name
+
+    try:
+        return check_device_name(text)
+    except GPT2EngineError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
@@ -410,20 +450,24 @@ def build_parser() -> OneLineParser:
     return parser
 
 
+def parse(argv: list[str]) -> argparse.Namespace:
+    if argv[:2] == ["eval", "harness"]:  # the rest, --help included, is lm_eval's to parse
+        return argparse.Namespace(run=run_harness, harness_args=argv[2:])
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if hasattr(args, "temperature"):
+        try:
+            args.options = generation_options(args)  # imports torch
+        except GPT2EngineError as error:  # a flag value out of range is a command-line error
+            parser.error(str(error))
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:2] == ["eval", "harness"]:  # the rest, --help included, is lm_eval's to parse
-        args = argparse.Namespace(run=run_harness, harness_args=argv[2:])
-    else:
-        parser = build_parser()
-        args = parser.parse_args(argv)
-        if hasattr(args, "temperature"):
-            try:
-                args.options = generation_options(args)
-            except GPT2EngineError as error:  # a flag value out of range is a command-line error
-                parser.error(str(error))
-    run: Callable[[argparse.Namespace], int] = args.run
     try:
+        args = parse(argv)
+        run: Callable[[argparse.Namespace], int] = args.run
         return run(args)
     except GPT2EngineError as error:
         print(f"gpt2: error: {error}", file=sys.stderr)

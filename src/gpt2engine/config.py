@@ -10,8 +10,15 @@ from typing import Any
 
 from gpt2engine.errors import GPT2EngineError
 
+MAX_CONFIG_BYTES = 2**20
 # Hugging Face's names for the activations we implement -> torch's GELU `approximate` argument.
 ACTIVATIONS = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh", "gelu": "none"}
+
+
+# Bounds on what a config.json may ask for: far above every GPT-2 (xl: 48 layers, 1600 wide,
+# 1024 positions, 50257 tokens), low enough that a hostile few-byte config is refused at once.
+LIMITS = {"vocab_size": 2**22, "n_positions": 2**17, "n_embd": 2**16, "n_layer": 1024,
+          "n_head": 1024, "n_inner": 2**18}
 
 
 @dataclass(frozen=True)
@@ -29,19 +36,34 @@ class GPT2Config:
     scale_attn_by_inverse_layer_idx: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
+        for name, limit in LIMITS.items():
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise GPT2EngineError(f"config: {name} must be a positive integer, got {value!r}")
+            if name == "n_inner" and value is None:
+                continue
+            if type(value) is not int or not 0 < value <= limit:
+                raise GPT2EngineError(f"config: {name} must be an integer in [1, {limit}], got {value!r}")
+        eps = self.layer_norm_epsilon
+        if type(eps) not in (int, float) or not 0 < eps < 1:  # NaN fails both comparisons
+            raise GPT2EngineError(f"config: layer_norm_epsilon must be a number in (0, 1), got {eps!r}")
+        for name in ("tie_word_embeddings", "scale_attn_weights", "scale_attn_by_inverse_layer_idx"):
+            if type(getattr(self, name)) is not bool:
+                raise GPT2EngineError(f"config: {name} must be true or false, got {getattr(self, name)!r}")
         if self.n_embd % self.n_head:
             raise GPT2EngineError(
                 f"config: n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"
             )
-        if self.activation_function not in ACTIVATIONS:
+        if not isinstance(self.activation_function, str) or self.activation_function not in ACTIVATIONS:
             raise GPT2EngineError(
                 f"config: activation_function {self.activation_function!r} is not supported "
                 f"(supported: {', '.join(sorted(ACTIVATIONS))})"
             )
+
+    def parameter_count(self) -> int:
+        """Parameters the config asks for (the tied head counted once), known before building."""
+        C, hidden = self.n_embd, self.mlp_width
+        block = 4 * C + (C * 3 * C + 3 * C) + (C * C + C) + (C * hidden + hidden) + (hidden * C + C)
+        head = 0 if self.tie_word_embeddings else self.vocab_size * C
+        return (self.vocab_size + self.n_positions) * C + self.n_layer * block + 2 * C + head
 
     @property
     def head_dim(self) -> int:
@@ -75,11 +97,17 @@ class GPT2Config:
     @classmethod
     def from_json_file(cls, path: Path) -> GPT2Config:
         try:
-            raw = json.loads(Path(path).read_text(encoding="utf-8"))
+            with open(path, "rb") as handle:
+                data = handle.read(MAX_CONFIG_BYTES + 1)
+            if len(data) > MAX_CONFIG_BYTES:
+                raise GPT2EngineError(f"{path}: larger than {MAX_CONFIG_BYTES} bytes; not a config")
+            raw = json.loads(data.decode("utf-8"))
         except FileNotFoundError:
             raise GPT2EngineError(f"{path}: no such file") from None
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
             raise GPT2EngineError(f"{path}: not a readable JSON config ({error})") from None
+        except RecursionError:
+            raise GPT2EngineError(f"{path}: JSON nested too deeply; not a config") from None
         if not isinstance(raw, dict):
             raise GPT2EngineError(f"{path}: expected a JSON object")
         return cls.from_dict(raw)

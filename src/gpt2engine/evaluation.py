@@ -194,13 +194,19 @@ def read_jsonl(path: Path, fields: dict[str, type]) -> list[tuple[int, dict]]:
     return records
 
 
+MAX_TEXT_BYTES = 512 * 2**20  # enwik8 and text8 are 100 MB; /dev/zero is endless
+
+
 def read_text(path: Path) -> str:
     try:
-        data = Path(path).read_bytes()
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_TEXT_BYTES + 1)
     except FileNotFoundError:
         raise GPT2EngineError(f"{path}: no such file") from None
     except OSError as error:
         raise GPT2EngineError(f"{path}: cannot read ({error.strerror})") from None
+    if len(data) > MAX_TEXT_BYTES:
+        raise GPT2EngineError(f"{path}: more than {MAX_TEXT_BYTES // 2**20} MiB; split it into files")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as error:

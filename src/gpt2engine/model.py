@@ -187,15 +187,21 @@ class GPT2(nn.Module):
     @classmethod
     def from_pretrained(
         cls, name_or_path: str | Path, *, revision: str | None = None,
-        dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+        dtype: torch.dtype | str = torch.float32, device: torch.device | str = "cpu",
     ) -> GPT2:
-        """Load a Hugging Face GPT-2 checkpoint (a folder or a Hub id); see weights.py."""
+        """Load a Hugging Face GPT-2 checkpoint (a folder or a Hub id); see weights.py.
+        dtype: a torch dtype or its name ("float32", "bfloat16", "float16", "auto")."""
+        from gpt2engine.runtime import pick_device, pick_dtype
         from gpt2engine.weights import load_model
 
-        return load_model(name_or_path, revision=revision, dtype=dtype, device=device)
+        target = pick_device(device)
+        return load_model(name_or_path, revision=revision, dtype=pick_dtype(dtype, target), device=target)
 
-    def save_pretrained(self, folder: str | Path, *, overwrite: bool = False) -> None:
-        """Write the Hugging Face layout (config.json + model.safetensors); see weights.py."""
+    def save_pretrained(
+        self, folder: str | Path, *, overwrite: bool = False, extra_files: tuple[Path, ...] = ()
+    ) -> None:
+        """Write the Hugging Face layout (config.json + model.safetensors, + extra_files such as
+        the tokenizer's, all or none); see weights.py."""
         from gpt2engine.weights import save_model
 
-        save_model(self, folder, overwrite=overwrite)
+        save_model(self, folder, overwrite=overwrite, extra_files=extra_files)

@@ -3,6 +3,8 @@ tokenizer, the one place the CLI and the lm-eval adapter share."""
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from gpt2engine.errors import GPT2EngineError
@@ -14,12 +16,22 @@ if TYPE_CHECKING:  # torch is imported when a device is picked, so `gpt2 --help`
     from gpt2engine.tokenizer import Tokenizer
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEVICE = re.compile(r"^(auto|cpu|mps|(cuda|xpu)(:\d{1,3})?)$")
 
 
-def pick_device(name: str = "auto") -> torch.device:
+def check_device_name(name: str) -> str:
+    """The device names we run on (no `meta`: it holds no values); whether it is here is checked
+    when a device is picked."""
+    if not isinstance(name, str) or not DEVICE.match(name):
+        raise GPT2EngineError(f"device must be auto, cpu, cuda, cuda:N, mps or xpu, got {name!r}")
+    return name
+
+
+def pick_device(name: str | torch.device = "auto") -> torch.device:
     """`auto` is CUDA when present, else the CPU; anything else must actually work here."""
     import torch
 
+    name = check_device_name(str(name))
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -29,10 +41,12 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+def pick_dtype(name: str | torch.dtype, device: torch.device) -> torch.dtype:
     """`auto` is float32 on the CPU (exact) and float16 on accelerators (fast)."""
     import torch
 
+    if isinstance(name, torch.dtype):
+        name = str(name).removeprefix("torch.")
     if name not in DTYPES:
         raise GPT2EngineError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}")
     if name == "auto":
@@ -41,14 +55,35 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def load_pretrained(
-    name_or_path: str, revision: str | None = None, device: str = "auto", dtype: str = "auto"
+    name_or_path: str, revision: str | None = None, device: str = "auto", dtype: str = "auto",
+    say: Callable[[str], None] | None = None,
 ) -> tuple[GPT2, Tokenizer]:
-    """Model and tokenizer of one checkpoint, resolved (or downloaded) once."""
+    """Model and tokenizer of one checkpoint, resolved (or downloaded) once; `say` hears what is
+    being loaded, from where, on which device and dtype, and how long it took."""
+    import time
+
     from gpt2engine.hub import resolve_checkpoint
     from gpt2engine.model import GPT2
     from gpt2engine.tokenizer import Tokenizer
 
+    say = say or (lambda message: None)
     target = pick_device(device)
+    started = time.perf_counter()
     folder = resolve_checkpoint(name_or_path, revision)
-    model = GPT2.from_pretrained(folder, dtype=pick_dtype(dtype, target), device=target)
-    return model, Tokenizer.from_pretrained(folder)
+    chosen = pick_dtype(dtype, target)
+    where = str(folder) if str(folder) == str(name_or_path) else f"{name_or_path} ({folder})"
+    say(f"Loading weights from {where} on {target}, {str(chosen).removeprefix('torch.')}...")
+    tokenizer = Tokenizer.from_pretrained(folder)  # a broken tokenizer fails before the weights load
+    model = GPT2.from_pretrained(folder, dtype=chosen, device=target)
+    check_vocabularies(model, tokenizer)
+    say(f"Weights loaded successfully ({model.config.parameter_count() / 1e6:.0f}M parameters, "
+        f"{time.perf_counter() - started:.1f} s).")
+    return model, tokenizer
+
+
+def check_vocabularies(model: GPT2, tokenizer: Tokenizer) -> None:
+    """A model may have more rows than the tokenizer has tokens (padded, as nanoGPT's 50,304), never
+    fewer: a token without a row cannot be embedded."""
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise GPT2EngineError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                              f"{model.config.vocab_size} embedding rows; they do not belong together")

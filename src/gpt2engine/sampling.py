@@ -18,6 +18,9 @@ from gpt2engine.errors import GPT2EngineError
 
 MAX_SEED = 2**64 - 1
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range is [-100, 100]
+# Below this temperature, sampling is greedy (vLLM's rule): logits / 1e-40 overflow to inf.
+GREEDY_BELOW = 1e-5
+REPETITION_PENALTY_RANGE = (0.01, 100.0)  # beyond it, finite logits could overflow
 
 
 def is_number(value: object) -> bool:
@@ -26,7 +29,7 @@ def is_number(value: object) -> bool:
 
 @dataclass(frozen=True)
 class SamplingParams:
-    temperature: float = 1.0  # 0 means greedy
+    temperature: float = 1.0  # 0 (or below 1e-5) means greedy
     top_k: int = 0  # 0 means no top-k filter
     top_p: float = 1.0
     min_p: float = 0.0
@@ -48,7 +51,8 @@ class SamplingParams:
              "top_k must be an integer >= 0"),
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
             (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
-            (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+            (REPETITION_PENALTY_RANGE[0] <= self.repetition_penalty <= REPETITION_PENALTY_RANGE[1],
+             "repetition_penalty must be in [0.01, 100]"),
             (-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
             (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
             (self.seed is None or (isinstance(self.seed, int) and not isinstance(self.seed, bool)
@@ -66,7 +70,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
 
 Param = float | torch.Tensor  # one value for every row, or a (B,) tensor of one per row

@@ -16,6 +16,7 @@ from gpt2engine.errors import GPT2EngineError
 from gpt2engine.hub import resolve_checkpoint
 
 END_OF_TEXT = "<|endoftext|>"
+MAX_VOCAB = 2**22  # the largest vocabulary GPT2Config allows
 
 
 @cache
@@ -33,9 +34,15 @@ class Tokenizer:
     def __init__(self, backend) -> None:  # backend: tokenizers.Tokenizer
         self.backend = backend
         vocab = backend.get_vocab(with_added_tokens=True)
+        if not vocab:
+            raise GPT2EngineError("the tokenizer's vocabulary is empty")
+        largest = max(vocab.values())
+        if largest >= MAX_VOCAB:  # ids index a table: a 30-byte file must not allocate gigabytes
+            raise GPT2EngineError(f"the tokenizer's vocabulary has token id {largest}; the limit is "
+                                  f"{MAX_VOCAB - 1}")
         special = {token.content for token in backend.get_added_tokens_decoder().values()}
         chars = unicode_to_byte()
-        self.token_bytes: list[bytes] = [b""] * (max(vocab.values()) + 1)
+        self.token_bytes: list[bytes] = [b""] * (largest + 1)
         for text, token_id in vocab.items():
             byte_level = text not in special and all(ch in chars for ch in text)
             self.token_bytes[token_id] = (
@@ -89,6 +96,10 @@ class Tokenizer:
 
     def decode(self, ids: list[int]) -> str:
         """Ids -> text; bytes that are not valid UTF-8 become U+FFFD, as in transformers."""
+        bad = [i for i in ids if type(i) is not int or not 0 <= i < len(self.token_bytes)]
+        if bad:
+            raise GPT2EngineError(f"token id {bad[0]!r} is not in the vocabulary "
+                                  f"[0, {len(self.token_bytes)})")
         return b"".join(self.token_bytes[i] for i in ids).decode("utf-8", errors="replace")
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import struct
 import tempfile
 from collections.abc import Iterator
@@ -61,6 +62,10 @@ def shard_files(folder: Path, index: Path) -> list[Path]:
         names = sorted(set(weight_map.values()))
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as error:
         raise GPT2EngineError(f"{index}: not a valid shard index ({error!r})") from None
+    unsafe = [name for name in names if not isinstance(name, str) or Path(name).name != name
+              or name in ("", ".", "..") or "\\" in name]
+    if unsafe:
+        raise GPT2EngineError(f"{index}: shard name {unsafe[0]!r} is not a plain file name in {folder}")
     missing = [name for name in names if not (folder / name).is_file()]
     if missing:
         raise GPT2EngineError(f"{index}: shard {missing[0]} is missing from {folder}")
@@ -102,6 +107,22 @@ def read_safetensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
             yield key, flat.reshape(info["shape"])
 
 
+def read_pickled_state(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """A pytorch_model.bin: weights_only unpickling (no code runs), memory-mapped when it is the
+    zip format (the old format cannot be); a nested {"state_dict": {...}} is unwrapped."""
+    import zipfile
+
+    state = torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ValueError(f"holds a {type(state).__name__}, not a dict of tensors")
+    for key, value in state.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise ValueError(f"entry {key!r} is a {type(value).__name__}, not a tensor")
+        yield key, value
+
+
 def read_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (key, tensor) from each file; .bin files are unpickled with weights_only=True."""
     for file in files:
@@ -109,7 +130,7 @@ def read_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
             if file.suffix == ".safetensors":
                 yield from read_safetensors(file)
             else:
-                yield from torch.load(file, map_location="cpu", weights_only=True, mmap=True).items()
+                yield from read_pickled_state(file)
         except Exception as error:  # corrupt or truncated files fail in many library-specific ways
             reason = str(error).splitlines()[0] if str(error) else type(error).__name__
             raise GPT2EngineError(f"{file}: not a readable weight file ({reason})") from None
@@ -141,6 +162,13 @@ def convert_checkpoint(
         if tuple(tensor.shape) != expected[name]:
             problems.append(f"{key}: expected shape {expected[name]}, found {tuple(tensor.shape)}")
             continue
+        if not tensor.is_floating_point():
+            problems.append(f"{key} has dtype {str(tensor.dtype).removeprefix('torch.')}; weights "
+                            "must be floating point")
+            continue
+        if not torch.isfinite(tensor).all():
+            problems.append(f"{key} holds NaN or infinite values")
+            continue
         if name == TIED_HEAD and tied:
             continue  # the head is the token embedding; the stored copy adds nothing
         tensor = tensor.t() if is_conv1d(name) else tensor
@@ -156,6 +184,17 @@ def convert_checkpoint(
     return state
 
 
+def check_size(config: GPT2Config, files: list[Path]) -> None:
+    """Refuse, before building anything, a config that asks for more weights than the files hold
+    (a few-byte config.json must not make us build a model of a trillion parameters)."""
+    stored = sum(f.stat().st_size for f in files)
+    needed = config.parameter_count()  # bytes, at one byte a weight: a floor, not an estimate
+    if stored < needed:  # (a config only somewhat off gets the named-tensor shape error instead)
+        raise GPT2EngineError(
+            f"config.json asks for {needed:,} parameters, but the weight files hold {stored:,} bytes: "
+            "the config does not fit these weights")
+
+
 def load_model(
     name_or_path: str | Path, *, revision: str | None = None,
     dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
@@ -163,9 +202,11 @@ def load_model(
     """Build GPT2 on the meta device and assign the converted tensors: one copy of the weights."""
     folder = resolve_checkpoint(name_or_path, revision)
     config = GPT2Config.from_json_file(folder / "config.json")
+    files = weight_files(folder)
+    check_size(config, files)
     with torch.device("meta"):
         model = GPT2(config)
-    state = convert_checkpoint(read_tensors(weight_files(folder)), model, dtype, device)
+    state = convert_checkpoint(read_tensors(files), model, dtype, device)
     model.load_state_dict(state, assign=True)
     model.tie_weights()
     return model.eval().requires_grad_(False)
@@ -181,27 +222,41 @@ def to_hf_state_dict(model: GPT2) -> dict[str, torch.Tensor]:
     }
 
 
-def save_model(model: GPT2, folder: str | Path, *, overwrite: bool = False) -> None:
-    """Write config.json + model.safetensors that transformers' GPT2LMHeadModel loads as-is.
+def save_model(
+    model: GPT2, folder: str | Path, *, overwrite: bool = False, extra_files: tuple[Path, ...] = ()
+) -> None:
+    """Write config.json + model.safetensors (+ `extra_files`, e.g. the tokenizer's) that
+    transformers' GPT2LMHeadModel loads as-is.
 
-    Existing checkpoint files are never replaced unless `overwrite` is set, and each file is
-    written beside its destination and renamed into place, so a failure leaves no half file.
+    All files are written into a scratch folder beside their destination, then put in place
+    together: if one cannot be, those already placed are removed, so a failure leaves no half
+    export. Existing names, symbolic links included (never written through), are refused unless
+    `overwrite` is set, which replaces them (a link itself, not its target).
     """
     from safetensors.torch import save_file
 
     folder = Path(folder)
-    targets = {"config.json": folder / "config.json", "model.safetensors": folder / "model.safetensors"}
-    existing = [str(path) for path in targets.values() if path.exists()]
+    names = ["config.json", "model.safetensors", *(path.name for path in extra_files)]
+    existing = [folder / name for name in names if os.path.lexists(folder / name)]
     if existing and not overwrite:
         raise GPT2EngineError(f"{existing[0]} already exists; refusing to overwrite it")
+    placed: list[Path] = []
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=folder, prefix=".gpt2engine-") as scratch:
-            staged_weights = Path(scratch) / "model.safetensors"
-            save_file(to_hf_state_dict(model), staged_weights, metadata={"format": "pt"})
-            staged_config = Path(scratch) / "config.json"
-            staged_config.write_text(json.dumps(model.config.to_hf_dict(), indent=2) + "\n")
-            os.replace(staged_weights, targets["model.safetensors"])
-            os.replace(staged_config, targets["config.json"])
+            staged = Path(scratch)
+            save_file(to_hf_state_dict(model), staged / "model.safetensors", metadata={"format": "pt"})
+            (staged / "config.json").write_text(json.dumps(model.config.to_hf_dict(), indent=2) + "\n")
+            for path in extra_files:
+                shutil.copyfile(path, staged / path.name)
+            for name in names:
+                if overwrite:
+                    os.replace(staged / name, folder / name)
+                else:
+                    os.link(staged / name, folder / name)  # fails if the name appeared meanwhile
+                placed.append(folder / name)
     except OSError as error:
-        raise GPT2EngineError(f"{folder}: cannot write the checkpoint ({error.strerror})") from None
+        if not overwrite:
+            for path in placed:
+                path.unlink(missing_ok=True)
+        raise GPT2EngineError(f"{folder}: cannot write the checkpoint ({error.strerror or error})") from None

@@ -19,6 +19,7 @@ from gpt2engine.engine.runner import Runner
 from gpt2engine.engine.scheduler import Scheduler
 from gpt2engine.errors import GPT2EngineError
 from gpt2engine.model import GPT2
+from gpt2engine.runtime import check_vocabularies
 from gpt2engine.tokenizer import Tokenizer
 
 DEFAULT_PREFILL_CHUNK = 256
@@ -67,6 +68,7 @@ class Engine:
         max_queue: int = 64, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     ) -> None:
         """`max_batch` cache rows of `max_len` positions (default: the model's context) each."""
+        check_vocabularies(model, tokenizer)
         self.model, self.tokenizer = model, tokenizer
         self.max_len = max_len or model.config.n_positions
         self.scheduler = Scheduler(max_batch, max_queue, prefill_chunk)

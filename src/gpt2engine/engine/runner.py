@@ -56,9 +56,10 @@ class Runner:
     def assign(self, request: Request) -> None:
         """Set up the row's sampling state for a newly admitted request."""
         row, params, V = request.row, request.options.sampling, self.model.config.vocab_size
-        for name in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty",
-                     "presence_penalty", "frequency_penalty"):
+        for name in ("top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                     "frequency_penalty"):
             getattr(self, name)[row] = getattr(params, name)
+        self.temperature[row] = 0.0 if params.greedy else params.temperature  # 0 marks greedy rows
         self.seeds[row] = as_int64(request.seed)
         self.seen[row] = False
         self.seen[row, request.prompt_ids] = True
@@ -116,7 +117,8 @@ class Runner:
         if self.vocab_limit < logits.shape[-1]:
             logits[:, self.vocab_limit :] = float("-inf")
         finite = torch.isfinite(logits[:, : self.vocab_limit]).all(dim=-1)
-        logits = torch.nan_to_num(logits, nan=0.0)  # a failing row must not disturb the draw
+        if not bool(finite.all()):  # rare: a failing row must not disturb the others' draw
+            logits = torch.nan_to_num(logits, nan=0.0)
         logprobs: list[TokenLogprob | None] = [None] * len(requests)
         raw = logits.log_softmax(dim=-1) if any(r.options.logprobs is not None for r in requests) else None
         if any(p.presence_penalty or p.frequency_penalty for p in params):
