@@ -7,7 +7,7 @@ random token-id prompts of 16-64 tokens, 64 new tokens each (ignore_eos). Report
 generated tokens/s, time to first token p50/p99, inter-token latency p50 (per request: time
 between its first and last token over the tokens between them), and the ratios.
 
-Run: .venv/bin/python benchmarks/serving.py [--requests-per-client R] [--seed S]
+Run: .venv/bin/python benchmarks/serving.py [--dtype float32|bfloat16] [--requests-per-client R]
 llama-server: benchmarks/build_llama_server.sh builds it (about 10 minutes), or put it on PATH;
 without it, its rows say "missing".
 """
@@ -48,11 +48,15 @@ def llama_server() -> str | None:
     return str(built) if built.is_file() else shutil.which("llama-server")
 
 
-def gguf_of(folder: Path) -> Path:
-    path = CACHE / "gpt2-124m-random-f32.gguf"
+GGUF_TYPES = {"float32": "f32", "bfloat16": "bf16"}
+
+
+def gguf_of(folder: Path, dtype: str) -> Path:
+    path = CACHE / f"gpt2-124m-random-{GGUF_TYPES[dtype]}.gguf"
     if not path.is_file():
         subprocess.run([str(Path(sys.executable).parent / "gpt2"), "export", str(path), "--model",
-                        str(folder), "--format", "gguf"], check=True, capture_output=True)
+                        str(folder), "--format", "gguf", "--gguf-type", GGUF_TYPES[dtype]],
+                       check=True, capture_output=True)
     return path
 
 
@@ -107,7 +111,9 @@ async def load(url: str, clients: int, per_client: int, rng: random.Random) -> d
         for j in range(per_client):
             results.append(await one_request(http, url, prompts[i * per_client + j]))
 
-    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=64)) as http:
+    # a fresh connection per request for both servers (llama-server closes idle keep-alive ones)
+    limits = httpx.Limits(max_connections=64, max_keepalive_connections=0)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as http:
         await one_request(http, url, prompts[0])  # warm-up
         started = time.perf_counter()
         await asyncio.gather(*(client_loop(i, http) for i in range(clients)))
@@ -127,22 +133,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests-per-client", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", choices=sorted(GGUF_TYPES), default="float32",
+                        help="weights of both servers (llama-server gets a GGUF of that type)")
     args = parser.parse_args()
     folder = gpt2_124m_checkpoint()
     env = {**os.environ, "OMP_NUM_THREADS": str(THREADS)}
     servers = {"gpt2engine": lambda port: [str(Path(sys.executable).parent / "gpt2"), "serve", "--model",
                                            str(folder), "--port", str(port), "--max-batch", "16",
-                                           "--max-model-len", "256"]}
+                                           "--max-model-len", "256", "--dtype", args.dtype, "--quiet"]}
     binary = llama_server()
     if binary:
-        model = gguf_of(folder)
+        model = gguf_of(folder, args.dtype)
         servers["llama-server"] = lambda port: [binary, "-m", str(model), "--port", str(port), "--host",
                                                 "127.0.0.1", "--parallel", "16", "-c", str(16 * 256),
                                                 "-t", str(THREADS), "-tb", str(THREADS), "--no-webui"]
-    print(f"GPT-2 124M (random weights), float32, {THREADS} threads each, {NEW_TOKENS} new tokens per "
+    print(f"GPT-2 124M (random weights), {args.dtype}, {THREADS} threads each, {NEW_TOKENS} new tokens per "
           f"request, greedy, {args.requests_per_client} requests per client; load before: {busy():.2f}")
     results: dict[str, dict[int, dict[str, float]]] = {}
     for name, command in servers.items():
+        print(f"measuring {name}...", flush=True)
         port = free_port()
         with running(command(port), port, env) as url:
             results[name] = {c: asyncio.run(load(url, c, args.requests_per_client, random.Random(args.seed)))

@@ -116,7 +116,8 @@ class Runner:
         logits = logits.float()
         if self.vocab_limit < logits.shape[-1]:
             logits[:, self.vocab_limit :] = float("-inf")
-        finite = torch.isfinite(logits[:, : self.vocab_limit]).all(dim=-1)
+        real = logits[:, : self.vocab_limit]  # NaN propagates through max and min; inf shows there
+        finite = torch.isfinite(real.amax(dim=-1)) & torch.isfinite(real.amin(dim=-1))
         if not bool(finite.all()):  # rare: a failing row must not disturb the others' draw
             logits = torch.nan_to_num(logits, nan=0.0)
         logprobs: list[TokenLogprob | None] = [None] * len(requests)
