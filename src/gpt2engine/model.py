@@ -16,6 +16,7 @@ from torch import nn
 
 from gpt2engine.config import ACTIVATIONS, GPT2Config
 from gpt2engine.errors import GPT2EngineError
+from gpt2engine.kernels import linear
 
 
 class KVCache:
@@ -52,12 +53,20 @@ class KVCache:
         return self.k[:, :, :length], self.v[:, :, :length]
 
 
+class Linear(nn.Linear):
+    """nn.Linear whose few-row float32 products on the CPU (a decode step) run on our own kernel,
+    which reads the weights at the memory bandwidth; everything else is F.linear. See kernels/."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPT2Config, layer_idx: int) -> None:
         super().__init__()
         self.n_head = config.n_head
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # fused q, k, v
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.c_attn = Linear(config.n_embd, 3 * config.n_embd)  # fused q, k, v
+        self.c_proj = Linear(config.n_embd, config.n_embd)
         scale = config.head_dim**-0.5 if config.scale_attn_weights else 1.0
         if config.scale_attn_by_inverse_layer_idx:
             scale /= layer_idx + 1
@@ -82,9 +91,9 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: GPT2Config) -> None:
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, config.mlp_width)
+        self.c_fc = Linear(config.n_embd, config.mlp_width)
         self.act = nn.GELU(approximate=ACTIVATIONS[config.activation_function])
-        self.c_proj = nn.Linear(config.mlp_width, config.n_embd)
+        self.c_proj = Linear(config.mlp_width, config.n_embd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (B, T, C) -> (B, T, C)
@@ -127,7 +136,7 @@ class GPT2(nn.Module):
         self.wpe = embedding(config.n_positions, config.n_embd)
         self.h = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         self.tie_weights()
 
     def tie_weights(self) -> None:

@@ -1,0 +1,60 @@
+"""Our float32 decode kernel against F.linear, its batch invariance, and the torch fallback."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gpt2engine.kernels import MAX_ROWS, compiled, linear
+
+
+def test_the_kernel_builds_here():
+    assert compiled() is not None  # a C compiler is part of this machine's set-up
+
+
+@pytest.mark.parametrize(("rows", "n_in", "n_out", "bias"), [
+    (1, 768, 2304, True), (3, 77, 101, True), (16, 3072, 768, True), (MAX_ROWS, 40, 50257, False),
+    (5, 1, 7, True), (2, 13, 1, False),
+])
+@torch.inference_mode()
+def test_matches_f_linear(rows, n_in, n_out, bias):
+    torch.manual_seed(rows)
+    x, w = torch.randn(rows, n_in), torch.randn(n_out, n_in) / n_in**0.5
+    b = torch.randn(n_out) if bias else None
+    expected = F.linear(x.double(), w.double(), None if b is None else b.double()).float()
+    ours = linear(x, w, b)
+    assert ours.shape == expected.shape and (ours - expected).abs().max() <= 1e-5
+    assert (F.linear(x, w, b) - expected).abs().max() <= 1e-5  # torch is no closer than 1e-5 either
+
+
+@torch.inference_mode()
+def test_a_row_is_bit_identical_alone_and_in_any_batch():
+    torch.manual_seed(0)
+    w, b = torch.randn(2305, 768) * 0.02, torch.randn(2305)
+    batch = torch.randn(MAX_ROWS, 768)
+    together = linear(batch, w, b)
+    for rows in (1, 2, 5, 16, MAX_ROWS):
+        part = linear(batch[:rows], w, b)
+        assert torch.equal(part, together[:rows])
+    assert torch.equal(linear(batch[7:8], w, b), together[7:8])
+
+
+def test_shapes_and_dtypes_it_does_not_take_go_to_torch():
+    x, w = torch.randn(MAX_ROWS + 1, 8), torch.randn(4, 8)
+    with torch.inference_mode():
+        assert torch.equal(linear(x, w, None), F.linear(x, w))  # a prefill-sized input
+        assert torch.equal(linear(x[:2].double(), w.double(), None), F.linear(x[:2].double(), w.double()))
+    weight = w.clone().requires_grad_()
+    assert linear(x[:2], weight, None).requires_grad  # autograd keeps working
+
+
+def test_disabled_by_environment_is_torch_exactly():
+    code = ("import torch, torch.nn.functional as F\n"
+            "from gpt2engine.kernels import compiled, linear\n"
+            "assert compiled() is None\n"
+            "x, w = torch.randn(3, 64), torch.randn(9, 64)\n"
+            "with torch.inference_mode(): assert torch.equal(linear(x, w, None), F.linear(x, w))")
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "GPT2ENGINE_KERNELS": "0"})
