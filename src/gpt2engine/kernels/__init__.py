@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 SOURCE = Path(__file__).with_name("linear.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
-MAX_ROWS = 32  # beyond this (prefill), torch's GEMM is the faster one
+MAX_ROWS = 128  # beyond this (long prefill chunks, evaluation windows), torch's GEMM is the faster one
 
 
 def cpu_flags() -> str:
