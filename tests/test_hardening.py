@@ -348,3 +348,14 @@ def test_mutated_safetensors_are_read_or_refused_in_one_line(small_safetensors, 
         return
     assert all(isinstance(t, torch.Tensor) for t in tensors.values())
     assert sum(t.numel() * t.element_size() for t in tensors.values()) <= os.path.getsize(path)
+
+
+def test_ctrl_c_while_torch_is_still_importing_is_quiet():
+    import signal
+
+    process = subprocess.Popen([GPT2_COMMAND, "generate", "Hi", "--model", "/no/such/model"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.8)  # past the interpreter's start, inside `import torch` (about 2 s here)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130 and "Traceback" not in err
