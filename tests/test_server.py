@@ -322,18 +322,28 @@ def test_api_key(tiny_checkpoint):
         assert server.stop()[0] == 0
 
 
-def test_sigterm_drains_then_exits_0(long_context):
-    server = Server(long_context, "--shutdown-timeout", "60")
-    short = {"prompt": "Go", "max_tokens": 300, "ignore_eos": True, "stream": True}
-    with httpx.stream("POST", f"{server.url}/v1/completions", json=short, timeout=60) as response:
+def sigterm_mid_stream(server: Server, max_tokens: int, while_draining=lambda: None) -> list[str]:
+    """Start a streamed completion, send SIGTERM after its first line, run `while_draining`, and
+    return the finish reasons of the rest of the stream (which must end in [DONE])."""
+    body = {"prompt": "Go", "max_tokens": max_tokens, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60) as response:
         lines = response.iter_lines()
         next(lines)
         server.process.send_signal(signal.SIGTERM)
-        wait_until(lambda: httpx.get(f"{server.url}/health").status_code == 503)
-        assert server.post("/v1/completions", {"prompt": "Hi"}).status_code == 503
+        while_draining()
         rest = [line for line in lines if line]
     assert rest[-1] == "data: [DONE]"
-    finishes = [json.loads(line[6:])["choices"][0]["finish_reason"] for line in rest[:-1]]
+    return [json.loads(line[6:])["choices"][0]["finish_reason"] for line in rest[:-1]]
+
+
+def test_sigterm_drains_then_exits_0(long_context):
+    server = Server(long_context, "--shutdown-timeout", "60")
+
+    def refuses_new_work() -> None:
+        wait_until(lambda: httpx.get(f"{server.url}/health").status_code == 503)
+        assert server.post("/v1/completions", {"prompt": "Hi"}).status_code == 503
+
+    finishes = sigterm_mid_stream(server, 300, refuses_new_work)
     assert finishes[-1] == "length"  # finished in full, within the shutdown timeout
     code, err = server.stop(signalled=True)
     assert code == 0 and "Traceback" not in err
@@ -341,14 +351,7 @@ def test_sigterm_drains_then_exits_0(long_context):
 
 def test_sigterm_aborts_what_outlives_the_timeout(long_context):
     server = Server(long_context, "--shutdown-timeout", "0.5")
-    body = {"prompt": "Go", "max_tokens": 4000, "ignore_eos": True, "stream": True}
-    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60) as response:
-        lines = response.iter_lines()
-        next(lines)
-        server.process.send_signal(signal.SIGTERM)
-        rest = [line for line in lines if line]
-    finishes = [json.loads(line[6:])["choices"][0]["finish_reason"] for line in rest[:-1]]
-    assert finishes[-1] == "abort" and rest[-1] == "data: [DONE]"
+    assert sigterm_mid_stream(server, 4000)[-1] == "abort"
     code, err = server.stop(signalled=True)
     assert code == 0 and "aborting 1 request" in err
 

@@ -129,21 +129,60 @@ def apply_min_p(logits: torch.Tensor, min_p: Param) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
-def process_logits(logits: torch.Tensor, seen: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """One request's pipeline before the draw, skipping the filters that are switched off."""
-    if params.repetition_penalty != 1.0:
-        logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
-    if params.greedy:
+@dataclass(frozen=True)
+class RowSettings:
+    """Each row's sampling parameters as (B,) tensors (temperature 0 on greedy rows, top_k 0 =
+    off), and the rows' SamplingParams, which say which steps any row needs."""
+
+    temperature: torch.Tensor
+    top_k: torch.Tensor
+    top_p: torch.Tensor
+    min_p: torch.Tensor
+    repetition_penalty: torch.Tensor
+    presence_penalty: torch.Tensor
+    frequency_penalty: torch.Tensor
+    params: list[SamplingParams]
+
+    @classmethod
+    def of(cls, params: list[SamplingParams], device: torch.device | str = "cpu") -> RowSettings:
+        def column(values, dtype=torch.float32):
+            return torch.tensor(values, dtype=dtype, device=device)
+
+        return cls(column([0.0 if p.greedy else p.temperature for p in params]),
+                   column([p.top_k for p in params], torch.long), column([p.top_p for p in params]),
+                   column([p.min_p for p in params]), column([p.repetition_penalty for p in params]),
+                   column([p.presence_penalty for p in params]),
+                   column([p.frequency_penalty for p in params]), params)
+
+
+def process_rows(
+    logits: torch.Tensor, seen: torch.Tensor, counts: torch.Tensor, bias: torch.Tensor | None,
+    rows: RowSettings,
+) -> torch.Tensor:
+    # logits, seen, counts, bias: (B, V) -> (B, V) ready for the draw (greedy rows: argmax of it)
+    params = rows.params
+    if any(p.presence_penalty or p.frequency_penalty for p in params):
+        logits = apply_penalties(logits, counts, rows.presence_penalty, rows.frequency_penalty)
+    if bias is not None:
+        logits = logits + bias
+    if any(p.repetition_penalty != 1.0 for p in params):
+        logits = apply_repetition_penalty(logits, seen, rows.repetition_penalty)
+    if all(p.greedy for p in params):
         return logits
-    if params.temperature != 1.0:
-        logits = apply_temperature(logits, params.temperature)
-    if params.top_k:
-        logits = apply_top_k(logits, params.top_k)
-    if params.top_p < 1.0:
-        logits = apply_top_p(logits, params.top_p)
-    if params.min_p > 0.0:
-        logits = apply_min_p(logits, params.min_p)
+    logits = apply_temperature(logits, torch.where(rows.temperature == 0, 1.0, rows.temperature))
+    if any(p.top_k for p in params):
+        logits = apply_top_k(logits, torch.where(rows.top_k == 0, logits.shape[-1], rows.top_k))
+    if any(p.top_p < 1 for p in params):
+        logits = apply_top_p(logits, rows.top_p)
+    if any(p.min_p > 0 for p in params):
+        logits = apply_min_p(logits, rows.min_p)
     return logits
+
+
+def process_logits(logits: torch.Tensor, seen: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The pipeline with one setting for every row (what transformers' processors compute)."""
+    counts = torch.zeros(logits.shape, dtype=torch.int32, device=logits.device)
+    return process_rows(logits, seen, counts, None, RowSettings.of([params] * len(logits), logits.device))
 
 
 # A counter-based generator: the noise of a row's n-th draw is a hash of (seed, n, token id), so

@@ -14,16 +14,7 @@ import torch
 
 from gpt2engine.engine.request import Request, TokenLogprob
 from gpt2engine.model import GPT2
-from gpt2engine.sampling import (
-    apply_min_p,
-    apply_penalties,
-    apply_repetition_penalty,
-    apply_temperature,
-    apply_top_k,
-    apply_top_p,
-    as_int64,
-    draw,
-)
+from gpt2engine.sampling import RowSettings, as_int64, draw, process_rows
 
 
 @dataclass(frozen=True)
@@ -122,28 +113,16 @@ class Runner:
             logits = torch.nan_to_num(logits, nan=0.0)
         logprobs: list[TokenLogprob | None] = [None] * len(requests)
         raw = logits.log_softmax(dim=-1) if any(r.options.logprobs is not None for r in requests) else None
-        if any(p.presence_penalty or p.frequency_penalty for p in params):
-            logits = apply_penalties(logits, self.counts[rows], self.presence_penalty[rows],
-                                     self.frequency_penalty[rows])
-        if any(p.logit_bias for p in params):
-            logits = logits + self.bias[rows]
-        if any(p.repetition_penalty != 1.0 for p in params):
-            logits = apply_repetition_penalty(logits, self.seen[rows], self.repetition_penalty[rows])
-        greedy = logits.argmax(dim=-1)
-        if all(p.greedy for p in params):
-            tokens = greedy
-        else:
-            temperature = self.temperature[rows]
-            logits = apply_temperature(logits, torch.where(temperature == 0, 1.0, temperature))
-            if any(p.top_k for p in params):
-                top_k = self.top_k[rows]
-                logits = apply_top_k(logits, torch.where(top_k == 0, logits.shape[-1], top_k))
-            if any(p.top_p < 1 for p in params):
-                logits = apply_top_p(logits, self.top_p[rows])
-            if any(p.min_p > 0 for p in params):
-                logits = apply_min_p(logits, self.min_p[rows])
+        settings = RowSettings(self.temperature[rows], self.top_k[rows], self.top_p[rows], self.min_p[rows],
+                               self.repetition_penalty[rows], self.presence_penalty[rows],
+                               self.frequency_penalty[rows], params)
+        bias = self.bias[rows] if any(p.logit_bias for p in params) else None
+        logits = process_rows(logits, self.seen[rows], self.counts[rows], bias, settings)
+        tokens = logits.argmax(dim=-1)
+        if not all(p.greedy for p in params):
             draws = torch.tensor([len(r.output_ids) for r in requests], device=device)
-            tokens = torch.where(temperature == 0, greedy, draw(logits, self.seeds[rows], draws))
+            sampled = draw(logits, self.seeds[rows], draws)
+            tokens = torch.where(settings.temperature == 0, tokens, sampled)
         self.seen[rows, tokens] = True
         self.counts[rows, tokens] += 1
         token_list = tokens.tolist()

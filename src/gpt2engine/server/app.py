@@ -32,6 +32,7 @@ from gpt2engine.server.protocol import (
     CompletionRequest,
     DetokenizeRequest,
     TokenizeRequest,
+    check,
     completion,
     options_for,
     prompts_of,
@@ -250,6 +251,7 @@ async def start_completion(state: State, body: CompletionRequest) -> Run:
     engine = state.engine
     tokenizer, context = engine.engine.tokenizer, engine.engine.max_len
     completion_id, outputs = f"cmpl-{uuid.uuid4().hex}", asyncio.Queue()
+    check(body)
     prompts = prompts_of(body)
     work = []
     for p, prompt in enumerate(prompts):

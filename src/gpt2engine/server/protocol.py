@@ -80,7 +80,6 @@ class DetokenizeRequest(Strict):
 
 
 def prompts_of(body: CompletionRequest) -> list[str | list[int]]:
-    check(body)
     prompt = body.prompt
     prompts = [prompt] if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)) else prompt
     if not prompts:
