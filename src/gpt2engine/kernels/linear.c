@@ -2,7 +2,8 @@
  *
  * Decoding reads every weight once per token, so speed is memory bandwidth: each block of 4
  * weight rows is read from memory once and stays in cache while every row of x passes over it,
- * 4 rows of x at a time (16 sums in registers), the rest one at a time.
+ * 4 rows of x at a time (16 sums in registers), the rest one at a time; the next block is
+ * prefetched while the first rows of x pass over this one.
  * Batch invariance: every sum x[m] . W[o] is accumulated lane by lane (VL lanes, lane l taking
  * the products i = l, l + VL, ...) and the lanes are added in a fixed order, in both routines, so a
  * row gives bit-identical results alone or in any batch.
@@ -24,10 +25,12 @@ static inline float finish(const float lanes[VL], const float *x, const float *w
 
 /* R (1 or 4) rows of x against 4 rows of W -> out[r][c] = x[r] . w[c]. */
 static inline void block(const float *x, size_t ldx, int R, const float *w, size_t ldw, int n,
-                         float out[4][4]) {
+                         float out[4][4], int prefetch) {
     float acc[4][4][VL] = {{{0.0f}}};
     int i = 0;
     for (; i + VL <= n; i += VL) {
+        if (prefetch)  /* the next 4 weight rows, while this block computes */
+            for (int c = 0; c < 4; c++) __builtin_prefetch(w + (4 + c) * ldw + i, 0, 1);
         for (int r = 0; r < R; r++) {
             const float *xr = x + r * ldx + i;
             for (int c = 0; c < 4; c++) {
@@ -62,8 +65,9 @@ void gpt2engine_linear_f32(const float *x, const float *W, const float *b, float
             int R = (n == 4 && M - m >= 4) ? 4 : 1;
             float s[4][4];
             if (n == 4) {
-                if (R == 4) block(x + (size_t)m * in, in, 4, w, in, in, s);
-                else block(x + (size_t)m * in, in, 1, w, in, in, s);
+                int ahead = m == 0 && o + 8 <= out;  /* once per weight block */
+                if (R == 4) block(x + (size_t)m * in, in, 4, w, in, in, s, ahead);
+                else block(x + (size_t)m * in, in, 1, w, in, in, s, ahead);
             } else {
                 for (int c = 0; c < n; c++) s[0][c] = dot(x + (size_t)m * in, w + (size_t)c * in, in);
             }
