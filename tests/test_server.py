@@ -372,3 +372,40 @@ def test_serve_errors_are_one_line(tiny_checkpoint, tmp_path):
     bad_flag = subprocess.run([GPT2_COMMAND, "serve", "--port", "70000"], capture_output=True, text=True)
     assert bad_flag.returncode == 2 and bad_flag.stderr.count("\n") == 1
 
+
+
+def test_every_route_answers_503_while_the_weights_load(engine):
+    """The real app in-process, with a loader that waits until the test lets it finish."""
+    from fastapi.testclient import TestClient
+
+    from gpt2engine.engine import Engine
+    from gpt2engine.server.app import Settings, create_app
+
+    release = threading.Event()
+
+    def load() -> Engine:
+        assert release.wait(30)
+        return Engine(*engine, max_batch=2)
+
+    app = create_app(Settings(model_name=NAME), load, on_load_error=lambda message: None)
+    with TestClient(app) as client:
+        health = client.get("/health")
+        assert health.status_code == 503 and health.json() == {"status": "loading"}
+        busy = client.post("/v1/completions", json={"prompt": "Hi"})
+        assert busy.status_code == 503 and busy.headers["retry-after"] == "1"
+        release.set()
+        wait_until(lambda: client.get("/health").status_code == 200)
+        done = client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 3, "temperature": 0})
+        assert done.json()["choices"][0]["text"] == library(engine, "Hi", max_tokens=3).text
+
+
+def test_listening_beyond_loopback_without_a_key_warns(tiny_checkpoint):
+    # 192.0.2.1 is a documentation address that is not on this machine: the warning comes first,
+    # then binding fails here, so nothing is ever sent anywhere.
+    done = subprocess.run([GPT2_COMMAND, "serve", "--model", str(tiny_checkpoint), "--host", "192.0.2.1",
+                           "--port", "8000"], capture_output=True, text=True, timeout=60)
+    assert "warning: listening on 192.0.2.1 without an API key" in done.stderr
+    assert done.returncode == 1 and "cannot listen on 192.0.2.1:8000" in done.stderr
+    keyed = subprocess.run([GPT2_COMMAND, "serve", "--model", str(tiny_checkpoint), "--host", "192.0.2.1",
+                            "--port", "8000", "--api-key", KEY], capture_output=True, text=True, timeout=60)
+    assert "warning" not in keyed.stderr and keyed.returncode == 1
