@@ -369,8 +369,10 @@ def test_serve_errors_are_one_line(tiny_checkpoint, tmp_path):
         assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
         [line] = [line for line in result.stderr.splitlines() if line.startswith("gpt2: error:")]
         assert message in line
-    bad_flag = subprocess.run([GPT2_COMMAND, "serve", "--port", "70000"], capture_output=True, text=True)
-    assert bad_flag.returncode == 2 and bad_flag.stderr.count("\n") == 1
+    for flags in (["--port", "70000"], ["--shutdown-timeout", "-1"], ["--shutdown-timeout", "nan"],
+                  ["--api-key", ""], ["--max-batch", "0"]):
+        bad_flag = subprocess.run([GPT2_COMMAND, "serve", *flags], capture_output=True, text=True)
+        assert bad_flag.returncode == 2 and bad_flag.stderr.count("\n") == 1, flags
 
 
 

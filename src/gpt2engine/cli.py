@@ -353,16 +353,29 @@ def add_serve_command(commands: argparse._SubParsersAction) -> None:
                        help="positions per cache row (default: the model's context)")
     serve.add_argument("--prefill-chunk", type=positive_int, default=256, metavar="T",
                        help="prompt tokens prefilled per step while others decode (default: 256)")
-    serve.add_argument("--api-key", default=os.environ.get("GPT2ENGINE_API_KEY"), metavar="KEY",
+    serve.add_argument("--api-key", type=api_key, default=os.environ.get("GPT2ENGINE_API_KEY"), metavar="KEY",
                        help="require Authorization: Bearer KEY (default: $GPT2ENGINE_API_KEY; none)")
     serve.add_argument("--served-model-name", metavar="NAME",
                        help="the model name clients pass (default: --model as given)")
-    serve.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="S",
+    serve.add_argument("--shutdown-timeout", type=seconds, default=30.0, metavar="S",
                        help="on SIGTERM, seconds for requests in flight to finish (default: 30)")
     serve.add_argument("--max-body-bytes", type=positive_int, default=4 * 2**20, metavar="B",
                        help="largest request body; larger gets 413 (default: 4 MiB)")
     add_model_flags(serve, inherit=True)
     serve.set_defaults(run=run_serve)
+
+
+def seconds(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < float("inf"):  # NaN fails too
+        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, got {text}")
+    return value
+
+
+def api_key(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
 
 
 def port_number(text: str) -> int:
