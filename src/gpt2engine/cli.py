@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import io
 import json
 import os
 import sys
@@ -128,14 +127,16 @@ def print_stats(tokens: int, started: float, first_token: float | None) -> None:
           file=sys.stderr, flush=True)
 
 
-def respond(engine, prompt: str, options, stats: bool) -> GenerationResult:
-    """Stream one response to stdout (and its statistics to stderr if asked)."""
+def respond(engine, prompt: str, options, stats: bool, show: bool = True) -> GenerationResult:
+    """Stream one response to stdout unless not `show` (and its statistics to stderr if asked)."""
     request = engine.add_request(prompt, options)
     started, first_token = time.perf_counter(), None
     for output in engine.run([request]):
         first_token = first_token or time.perf_counter()
-        print(output.text, end="", flush=True)
-    print(flush=True)
+        if show:
+            print(output.text, end="", flush=True)
+    if show:
+        print(flush=True)
     if request.finish_reason == "error":
         raise GPT2EngineError(request.error)
     if stats:
@@ -181,8 +182,7 @@ def run_generate(args: argparse.Namespace) -> int:
     prompt = read_stdin() if args.prompt == "-" else args.prompt
     engine = load_engine(args)
     if args.json:
-        with contextlib.redirect_stdout(io.StringIO()):
-            result = respond(engine, prompt, args.options, args.stats)
+        result = respond(engine, prompt, args.options, args.stats, show=False)
         print(json.dumps({"model": args.model, "text": result.text,
                           "prompt_tokens": result.prompt_tokens,
                           "completion_tokens": result.completion_tokens,
@@ -344,10 +344,10 @@ def add_serve_command(commands: argparse._SubParsersAction) -> None:
         description="Serve /v1/completions (OpenAI's API, streamed or not), /v1/models, /health, "
                     "/tokenize, /detokenize and /metrics, with continuous batching.")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
-    serve.add_argument("--port", type=port_number, default=8000, help="default: 8000")
+    serve.add_argument("--port", type=bounded_int(0, 65535), default=8000, help="default: 8000")
     serve.add_argument("--max-batch", type=positive_int, default=8, metavar="N",
                        help="requests decoded together, one KV cache row each (default: 8)")
-    serve.add_argument("--max-queue", type=non_negative_int, default=64, metavar="M",
+    serve.add_argument("--max-queue", type=bounded_int(0), default=64, metavar="M",
                        help="requests waiting for a row; past that, 503 + Retry-After (default: 64)")
     serve.add_argument("--max-model-len", type=positive_int, metavar="L",
                        help="positions per cache row (default: the model's context)")
@@ -378,23 +378,23 @@ def api_key(text: str) -> str:
     return text
 
 
-def port_number(text: str) -> int:
-    value = int(text)
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"must be in [0, 65535], got {value}")
-    return value
-
-
-def bounded_int(low: int, high: int):
-    """argparse type: an integer in [low, high]."""
+def bounded_int(low: int, high: int | None = None):
+    """argparse type: an integer in [low, high] (no upper bound when high is None)."""
 
     def parse(text: str) -> int:
         value = int(text)
-        if not low <= value <= high:
+        if high is not None and not low <= value <= high:
             raise argparse.ArgumentTypeError(f"must be in [{low}, {high}], got {value}")
+        if value < low:
+            wanted = "a positive integer" if low == 1 else f"an integer >= {low}"
+            raise argparse.ArgumentTypeError(f"must be {wanted}, got {value}")
         return value
 
+    parse.__name__ = "int"  # argparse's "invalid int value: 'x'"
     return parse
+
+
+positive_int = bounded_int(1)
 
 
 def device_name(text: str) -> str:
@@ -404,20 +404,6 @@ def device_name(text: str) -> str:
         return check_device_name(text)
     except GPT2EngineError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
-
-
-def non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
 
 
 def build_parser() -> OneLineParser:

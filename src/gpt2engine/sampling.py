@@ -143,6 +143,18 @@ class RowSettings:
     frequency_penalty: torch.Tensor
     params: list[SamplingParams]
 
+    @property
+    def uses_counts(self) -> bool:  # presence or frequency penalties
+        return any(p.presence_penalty or p.frequency_penalty for p in self.params)
+
+    @property
+    def uses_bias(self) -> bool:
+        return any(p.logit_bias for p in self.params)
+
+    @property
+    def uses_seen(self) -> bool:  # the repetition penalty
+        return any(p.repetition_penalty != 1.0 for p in self.params)
+
     @classmethod
     def of(cls, params: list[SamplingParams], device: torch.device | str = "cpu") -> RowSettings:
         def column(values, dtype=torch.float32):
@@ -156,16 +168,17 @@ class RowSettings:
 
 
 def process_rows(
-    logits: torch.Tensor, seen: torch.Tensor, counts: torch.Tensor, bias: torch.Tensor | None,
-    rows: RowSettings,
+    logits: torch.Tensor, seen: torch.Tensor | None, counts: torch.Tensor | None,
+    bias: torch.Tensor | None, rows: RowSettings,
 ) -> torch.Tensor:
     # logits, seen, counts, bias: (B, V) -> (B, V) ready for the draw (greedy rows: argmax of it)
+    # seen, counts and bias are needed only when rows.uses_seen, uses_counts, uses_bias.
     params = rows.params
-    if any(p.presence_penalty or p.frequency_penalty for p in params):
+    if rows.uses_counts:
         logits = apply_penalties(logits, counts, rows.presence_penalty, rows.frequency_penalty)
-    if bias is not None:
+    if rows.uses_bias:
         logits = logits + bias
-    if any(p.repetition_penalty != 1.0 for p in params):
+    if rows.uses_seen:
         logits = apply_repetition_penalty(logits, seen, rows.repetition_penalty)
     if all(p.greedy for p in params):
         return logits
@@ -181,8 +194,9 @@ def process_rows(
 
 def process_logits(logits: torch.Tensor, seen: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """The pipeline with one setting for every row (what transformers' processors compute)."""
-    counts = torch.zeros(logits.shape, dtype=torch.int32, device=logits.device)
-    return process_rows(logits, seen, counts, None, RowSettings.of([params] * len(logits), logits.device))
+    rows = RowSettings.of([params] * len(logits), logits.device)
+    counts = torch.zeros(logits.shape, dtype=torch.int32, device=logits.device) if rows.uses_counts else None
+    return process_rows(logits, seen, counts, None, rows)
 
 
 # A counter-based generator: the noise of a row's n-th draw is a hash of (seed, n, token id), so

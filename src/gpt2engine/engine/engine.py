@@ -2,8 +2,8 @@
 
 One engine serves the REPL, `gpt2 generate`, `complete`/`stream` and the HTTP server alike:
 requests join a running batch as cache rows free up and leave it as soon as they finish, each
-with its own sampling settings. The engine is single-threaded; the server drives it from one
-thread and hands it requests through `server.py`'s queue.
+with its own sampling settings. The engine is single-threaded; the server drives it from a
+thread of its own through `async_engine.py`, which hands it requests and aborts through a queue.
 """
 
 from __future__ import annotations

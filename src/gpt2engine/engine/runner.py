@@ -91,12 +91,16 @@ class Runner:
                             torch.tensor(positions, device=device)[:, None], view, length)
         return logits[[r.row for r in requests], -1]  # (n, V)
 
-    def log_softmax(self, logits: torch.Tensor) -> torch.Tensor:
-        # (n, V) -> (n, V) float32, over the tokens the tokenizer knows
+    def known_tokens(self, logits: torch.Tensor) -> torch.Tensor:
+        # (n, V) -> (n, V) float32, -inf past the tokens the tokenizer knows
         logits = logits.float()
         if self.vocab_limit < logits.shape[-1]:
             logits[..., self.vocab_limit :] = float("-inf")
-        return logits.log_softmax(dim=-1)
+        return logits
+
+    def log_softmax(self, logits: torch.Tensor) -> torch.Tensor:
+        # (n, V) -> (n, V) float32, over the tokens the tokenizer knows
+        return self.known_tokens(logits).log_softmax(dim=-1)
 
     @torch.inference_mode()
     def sample(self, requests: list[Request], logits: torch.Tensor) -> Sampled:
@@ -104,9 +108,7 @@ class Runner:
         device = logits.device
         rows = torch.tensor([r.row for r in requests], device=device)
         params = [r.options.sampling for r in requests]
-        logits = logits.float()
-        if self.vocab_limit < logits.shape[-1]:
-            logits[:, self.vocab_limit :] = float("-inf")
+        logits = self.known_tokens(logits)
         real = logits[:, : self.vocab_limit]  # NaN propagates through max and min; inf shows there
         finite = torch.isfinite(real.amax(dim=-1)) & torch.isfinite(real.amin(dim=-1))
         if not bool(finite.all()):  # rare: a failing row must not disturb the others' draw
@@ -116,8 +118,10 @@ class Runner:
         settings = RowSettings(self.temperature[rows], self.top_k[rows], self.top_p[rows], self.min_p[rows],
                                self.repetition_penalty[rows], self.presence_penalty[rows],
                                self.frequency_penalty[rows], params)
-        bias = self.bias[rows] if any(p.logit_bias for p in params) else None
-        logits = process_rows(logits, self.seen[rows], self.counts[rows], bias, settings)
+        logits = process_rows(  # each (n, V) state is gathered only when some row uses it
+            logits, self.seen[rows] if settings.uses_seen else None,
+            self.counts[rows] if settings.uses_counts else None,
+            self.bias[rows] if settings.uses_bias else None, settings)
         tokens = logits.argmax(dim=-1)
         if not all(p.greedy for p in params):
             draws = torch.tensor([len(r.output_ids) for r in requests], device=device)

@@ -285,13 +285,15 @@ async def outputs_of(state: State, run: Run) -> AsyncIterator[tuple[int, dict]]:
     """(choice index, chunk choice) for each engine output, with the metrics kept; aborts the
     run's unfinished requests however the caller stops listening."""
     metrics, index = state.metrics, {r.request_id: i for i, r in enumerate(run.requests)}
-    last_token: dict[int, float] = {}
+    echoed: set[int] = set()
+    last_token: dict[int, float] = {}  # choice -> when its latest token came
     try:
         while run.unfinished():
             output = await run.outputs.get()
             i = index[output.request.request_id]
             choice, now = run.choices[i], time.monotonic()
-            if run.echo and i not in last_token:
+            if run.echo and i not in echoed:
+                echoed.add(i)
                 yield i, choice.echo(output.request)
             if output.token_id is not None:
                 metrics.generation_tokens.inc()
@@ -299,8 +301,6 @@ async def outputs_of(state: State, run: Run) -> AsyncIterator[tuple[int, dict]]:
                     metrics.inter_token_latency.observe(now - last_token[i])
                 else:
                     metrics.time_to_first_token.observe(now - run.arrival)
-            last_token.setdefault(i, now)
-            if output.token_id is not None:
                 last_token[i] = now
             yield i, choice.take(output)
             if output.finished:
