@@ -128,7 +128,7 @@ def test_generate_stop_string_and_stats(tiny_checkpoint, engine):
     [(["--temperature", "-1"], "temperature must be >= 0"), (["--top-p", "1.5"], "top_p must be"),
      (["--top-k", "x"], "argument --top-k: invalid int value: 'x'"),
      (["--max-new-tokens", "0"], "--max-new-tokens: must be in [1, 131072], got 0"),
-     (["--dtype", "int8"], "argument --dtype: invalid choice"),
+     (["--dtype", "int4"], "argument --dtype: invalid choice"),
      (["--device", "nosuchdevice"], "device must be auto, cpu, cuda, cuda:N, mps or xpu"),
      (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
      (["generate"], "the following arguments are required: PROMPT")],

@@ -274,7 +274,7 @@ def test_integer_and_boolean_weights_are_refused(copy_of, dtype):
     (lambda m, t: t.decode([-1]), "token id -1 is not in the vocabulary"),
     (lambda m, t: t.decode([1.5]), "token id 1.5 is not in the vocabulary"),
     (lambda m, t: GPT2.from_pretrained("x", device="nonsense"), "device must be"),
-    (lambda m, t: GPT2.from_pretrained("x", dtype="int8"), "dtype must be one of"),
+    (lambda m, t: GPT2.from_pretrained("x", dtype="int4"), "dtype must be one of"),
     (lambda m, t: t.encode(b"bytes"), "text must be a string"),
 ])
 def test_the_api_refuses_what_the_cli_refuses(engine, call, message):

@@ -1,4 +1,5 @@
-"""Our float32 decode kernel against F.linear, its batch invariance, and the torch fallback."""
+"""Our kernels against torch: the linear layers in every weight format, the decode attention, their
+batch invariance, and the torch fallback."""
 
 import os
 import subprocess
@@ -8,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gpt2engine.kernels import MAX_ROWS, compiled, linear
+from gpt2engine.formats import decode, encode
+from gpt2engine.kernels import MAX_ROWS, compiled, decode_attention, int8_activations, linear, native_bf16
 
 
 def test_the_kernel_builds_here():
@@ -57,4 +59,76 @@ def test_disabled_by_environment_is_torch_exactly():
             "assert compiled() is None\n"
             "x, w = torch.randn(3, 64), torch.randn(9, 64)\n"
             "with torch.inference_mode(): assert torch.equal(linear(x, w, None), F.linear(x, w))")
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "GPT2ENGINE_KERNELS": "0"})
+
+
+def reference_int8(
+    x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, b: torch.Tensor | None
+) -> torch.Tensor:
+    """What int8 weights compute, in float64: against int8 activations quantized per row where our
+    kernel does that (AVX-512 VNNI), else against float32 ones."""
+    if int8_activations():
+        x_scale = x.abs().amax(dim=1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny) / 127
+        x = torch.round(x / x_scale) * x_scale
+    y = F.linear(x.double(), decode(q, scale).double())
+    return (y if b is None else y + b.double()).float()
+
+
+@pytest.mark.parametrize("rows", [1, 3, 16, MAX_ROWS, MAX_ROWS + 1, 300])  # the kernel, then the GEMM
+@pytest.mark.parametrize(("n_in", "n_out"), [(768, 2304), (77, 101), (3072, 5)])
+@torch.inference_mode()
+def test_smaller_formats_compute_what_their_weights_stand_for(rows, n_in, n_out):
+    torch.manual_seed(rows + n_in)
+    x, w, b = torch.randn(rows, n_in), torch.randn(n_out, n_in) / n_in**0.5, torch.randn(n_out)
+    q, scale = encode(w, "int8")
+    expected = reference_int8(x, q, scale, b)
+    assert (linear(x, q, b, scale) - expected).abs().max() <= 1e-4
+    stored, _ = encode(w, "bfloat16")
+    expected = F.linear(x.double(), stored.double(), b.double()).float()
+    tolerance = 1e-4 if rows <= MAX_ROWS or not native_bf16() else 0.05  # a bfloat16 GEMM rounds x too
+    assert (linear(x, stored, b) - expected).abs().max() <= tolerance
+
+
+@pytest.mark.parametrize("fmt", ["bfloat16", "int8"])
+@torch.inference_mode()
+def test_every_format_is_bit_identical_alone_and_in_any_batch(fmt):
+    torch.manual_seed(1)
+    w, b = encode(torch.randn(2305, 768) * 0.02, fmt), torch.randn(2305)
+    batch = torch.randn(MAX_ROWS, 768)
+    together = linear(batch, w[0], b, w[1])
+    for rows in (1, 2, 5, 16):
+        assert torch.equal(linear(batch[:rows], w[0], b, w[1]), together[:rows])
+    assert torch.equal(linear(batch[9:10], w[0], b, w[1]), together[9:10])
+
+
+@torch.inference_mode()
+def test_decode_attention_matches_masked_sdpa_and_writes_the_cache():
+    torch.manual_seed(2)
+    B, H, S, D = 3, 4, 40, 16
+    k_cache, v_cache = torch.randn(B, H, S, D), torch.randn(B, H, S, D)
+    qkv = torch.randn(B, 1, 3 * H * D)
+    positions = torch.tensor([[0], [17], [39]])
+    expected_k, expected_v = k_cache.clone(), v_cache.clone()
+    q, k, v = (t.view(B, 1, H, D).transpose(1, 2) for t in qkv.split(H * D, dim=2))
+    for row, pos in enumerate(positions[:, 0].tolist()):
+        expected_k[row, :, pos], expected_v[row, :, pos] = k[row, :, 0], v[row, :, 0]
+    mask = (torch.arange(S) <= positions[..., None])[:, None]
+    expected = F.scaled_dot_product_attention(q, expected_k, expected_v, attn_mask=mask, scale=0.3)
+    ours = decode_attention(qkv, k_cache, v_cache, positions, H, 0.3)
+    assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
+    assert (ours - expected.transpose(1, 2).reshape(B, 1, H * D)).abs().max() <= 1e-5
+    alone = decode_attention(qkv[1:2].clone(), k_cache[1:2].clone(), v_cache[1:2].clone(),
+                             positions[1:2], H, 0.3)
+    assert torch.equal(alone, ours[1:2])  # a row attends only to its own slots: batch-invariant
+
+
+def test_formats_without_the_kernels_still_compute_through_torch():
+    code = ("import torch, torch.nn.functional as F\n"
+            "from gpt2engine.formats import decode, encode\n"
+            "from gpt2engine.kernels import compiled, linear\n"
+            "assert compiled() is None\n"
+            "x, w = torch.randn(3, 64), torch.randn(9, 64)\n"
+            "q, s = encode(w, 'int8')\n"
+            "with torch.inference_mode():\n"
+            "    assert torch.equal(linear(x, q, None, s), F.linear(x, decode(q, s)))")
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "GPT2ENGINE_KERNELS": "0"})

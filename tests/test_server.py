@@ -32,14 +32,14 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, checkpoint, *flags: str) -> None:
+    def __init__(self, checkpoint, *flags: str, ready_within: float = 60) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process = subprocess.Popen(
             [GPT2_COMMAND, "serve", "--model", str(checkpoint), "--served-model-name", NAME,
              "--port", str(self.port), *flags],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + ready_within
         while time.monotonic() < deadline:
             assert self.process.poll() is None, self.process.communicate()[1]
             with contextlib.suppress(httpx.HTTPError):

@@ -202,7 +202,8 @@ def run_serve(args: argparse.Namespace) -> int:
     from gpt2engine.engine import Engine
     from gpt2engine.runtime import pick_device
 
-    pick_device(args.device)  # a bad device fails here, before the port opens
+    if not args.ray:  # (Ray replicas pick theirs on their own nodes)
+        pick_device(args.device)  # a bad device fails here, before the port opens
 
     def build_engine() -> Engine:
         return Engine(*load(args), max_batch=args.max_batch, max_queue=args.max_queue,
@@ -210,8 +211,29 @@ def run_serve(args: argparse.Namespace) -> int:
 
     settings = Settings(model_name=args.served_model_name or args.model, api_key=args.api_key,
                         max_body_bytes=args.max_body_bytes)
+    if args.ray:
+        return run_serve_on_ray(args, settings)
     return serve(build_engine, settings, args.host, args.port, args.shutdown_timeout,
                  describe=f"{args.model}, {args.max_batch} rows, queue of {args.max_queue}")
+
+
+def run_serve_on_ray(args: argparse.Namespace, settings) -> int:
+    from gpt2engine.hub import resolve_checkpoint
+    from gpt2engine.server.ray_serve import ReplicaSpec, Scaling, serve_on_ray
+
+    if args.replicas is not None and args.max_replicas is not None:
+        raise GPT2EngineError("--replicas is a fixed count; --min-replicas/--max-replicas autoscale: "
+                              "give one or the other")
+    if args.max_replicas is not None and args.max_replicas < args.min_replicas:
+        raise GPT2EngineError(f"--max-replicas {args.max_replicas} is below --min-replicas "
+                              f"{args.min_replicas}")
+    resolve_checkpoint(args.model, args.revision)  # a missing checkpoint fails here, not in every replica
+    scaling = (Scaling(replicas=args.replicas or 1) if args.max_replicas is None else
+               Scaling(None, args.min_replicas, args.max_replicas, args.upscale_delay, args.downscale_delay))
+    spec = ReplicaSpec(args.model, args.revision, args.device, args.dtype, args.max_batch, args.max_queue,
+                       args.max_model_len, args.prefill_chunk, args.cpus_per_replica, settings,
+                       scaling.replicas or scaling.min_replicas)
+    return serve_on_ray(spec, scaling, args.host, args.port, args.ray_address, args.shutdown_timeout)
 
 
 def run_export(args: argparse.Namespace) -> int:
@@ -361,8 +383,57 @@ def add_serve_command(commands: argparse._SubParsersAction) -> None:
                        help="on SIGTERM, seconds for requests in flight to finish (default: 30)")
     serve.add_argument("--max-body-bytes", type=positive_int, default=4 * 2**20, metavar="B",
                        help="largest request body; larger gets 413 (default: 4 MiB)")
+    ray = serve.add_argument_group("Ray Serve (pip install 'gpt2engine[ray]')")
+    ray.add_argument("--ray", action="store_true",
+                     help="serve replicas of the engine on Ray Serve behind one endpoint (--host, --port)")
+    ray.add_argument("--replicas", type=positive_int, metavar="N",
+                     help="a fixed number of replicas (default: 1; autoscaling when --max-replicas is set)")
+    ray.add_argument("--min-replicas", type=positive_int, default=1, metavar="A",
+                     help="autoscaling: fewest replicas (default: 1)")
+    ray.add_argument("--max-replicas", type=positive_int, metavar="B",
+                     help="autoscaling: most replicas; scales on requests in flight per replica")
+    ray.add_argument("--ray-address", metavar="HOST:PORT",
+                     help="join this Ray cluster (as `ray start --address`); default: start Ray locally")
+    ray.add_argument("--cpus-per-replica", type=positive_int, default=1, metavar="C",
+                     help="CPUs Ray reserves for each replica, and its torch threads (default: 1)")
+    ray.add_argument("--upscale-delay", type=seconds, default=30.0, metavar="S",
+                     help="autoscaling: seconds of load before adding a replica (default: 30)")
+    ray.add_argument("--downscale-delay", type=seconds, default=600.0, metavar="S",
+                     help="autoscaling: seconds of low load before removing one (default: 600)")
     add_model_flags(serve, inherit=True)
     serve.set_defaults(run=run_serve)
+
+
+def add_bench_command(commands: argparse._SubParsersAction) -> None:
+    from gpt2engine.bench import MODES
+
+    bench = commands.add_parser(
+        "bench", help="speed against transformers, CTranslate2 and llama.cpp, in one run",
+        description="Decode tokens/s at batch 1 and 8, prefill tokens/s, time to first token, load "
+                    "time and peak RSS of gpt2engine in every mode and of each peer that is installed "
+                    "(pip install 'gpt2engine[bench]'), each in its own process, on the same "
+                    "checkpoint and thread count; then the ratios.")
+    bench.add_argument("--model", dest="bench_model", metavar="NAME_OR_PATH",
+                       help="checkpoint (default: GPT-2 124M's architecture with random weights, "
+                            "built locally once)")
+    bench.add_argument("--engines", type=lambda text: text.split(","), default=list(MODES),
+                       metavar="LIST", help=f"comma-separated, of {','.join(MODES)} (default: all)")
+    bench.add_argument("--threads", type=positive_int, default=len(os.sched_getaffinity(0)), metavar="N",
+                       help="threads for every engine (default: the CPUs this process may use)")
+    bench.add_argument("--new-tokens", type=bounded_int(8, 512), default=64, metavar="N",
+                       help="tokens generated per decode run (default: 64)")
+    bench.add_argument("--repeats", type=bounded_int(1, 20), default=3, metavar="R",
+                       help="runs per measurement; the median is reported (default: 3)")
+    bench.add_argument("--json", action="store_true",
+                       help="one JSON object per engine, mode and batch size instead of the table")
+    bench.set_defaults(run=run_bench)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from gpt2engine import bench
+
+    args.model = args.bench_model
+    return bench.main(args)
 
 
 def seconds(text: str) -> float:
@@ -446,6 +517,7 @@ def build_parser() -> OneLineParser:
     add_model_flags(export, inherit=True)
     export.set_defaults(run=run_export)
     add_eval_commands(commands)
+    add_bench_command(commands)
     return parser
 
 

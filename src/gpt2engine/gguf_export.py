@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 from gpt2engine.errors import GPT2EngineError
+from gpt2engine.formats import dense_state_dict
 from gpt2engine.model import GPT2
 from gpt2engine.tokenizer import END_OF_TEXT, Tokenizer
 
@@ -98,7 +99,7 @@ def export_gguf(model: GPT2, tokenizer: Tokenizer, path: str | Path, weight_type
             if tokenizer.eot_id is not None:
                 for add in (writer.add_bos_token_id, writer.add_eos_token_id):
                     add(tokenizer.eot_id)
-            for name, tensor in model.state_dict().items():
+            for name, tensor in dense_state_dict(model, model.dtype).items():
                 data = tensor.detach().float().cpu().numpy()
                 if quant is not None and data.ndim == 2:
                     writer.add_tensor(gguf_name(name), gguf.quants.quantize(data, quant), raw_dtype=quant)

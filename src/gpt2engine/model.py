@@ -16,7 +16,7 @@ from torch import nn
 
 from gpt2engine.config import ACTIVATIONS, GPT2Config
 from gpt2engine.errors import GPT2EngineError
-from gpt2engine.kernels import linear
+from gpt2engine.kernels import decode_attention, linear
 
 
 class KVCache:
@@ -54,11 +54,30 @@ class KVCache:
 
 
 class Linear(nn.Linear):
-    """nn.Linear whose few-row float32 products on the CPU (a decode step) run on our own kernel,
-    which reads the weights at the memory bandwidth; everything else is F.linear. See kernels/."""
+    """nn.Linear whose products on the CPU run on our own kernel, which reads the weights at the
+    memory bandwidth, and whose weight may be stored in a smaller format (formats.py) with a
+    per-row `scale`; see kernels/."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
+        super().__init__(in_features, out_features, bias)
+        self.register_buffer("scale", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, self.scale)
+
+
+class Embedding(nn.Embedding):
+    """nn.Embedding whose table may be stored in a smaller format (formats.py), as the tied LM
+    head that shares it; int8 rows are widened to float32 as they are looked up."""
+
+    def __init__(self, num: int, dim: int, weight: torch.Tensor) -> None:
+        super().__init__(num, dim, _weight=weight)
+        self.register_buffer("scale", None)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        # idx: (B, T) -> (B, T, C); bfloat16 rows become float32 when the positions are added
+        rows = F.embedding(idx, self.weight)
+        return rows if self.scale is None else rows.float() * self.scale[idx][..., None]
 
 
 class CausalSelfAttention(nn.Module):
@@ -78,7 +97,11 @@ class CausalSelfAttention(nn.Module):
     ) -> torch.Tensor:
         # x: (B, T, C), positions: (B, T), mask: (B, 1, T, L) or None for plain causal -> (B, T, C)
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
+        qkv = self.c_attn(x)
+        if cache is not None and (y := decode_attention(qkv, cache.k, cache.v, positions, self.n_head,
+                                                          self.scale)) is not None:
+            return self.c_proj(y)  # a decode step on the CPU: one fused kernel (kernels/)
+        q, k, v = qkv.split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         if cache is not None:
             k, v = cache.update(positions, k, v, mask.shape[-1])  # (B, nh, L, hs)
@@ -119,21 +142,22 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-def embedding(num: int, dim: int) -> nn.Embedding:
-    """nn.Embedding with GPT-2's N(0, 0.02) init, skipped on the meta device, where the loader
-    builds the model: torch's meta normal_ costs seconds of imports and its values are discarded."""
+def embedding_init(num: int, dim: int) -> torch.Tensor:
+    """GPT-2's N(0, 0.02) table, skipped on the meta device, where the loader builds the model:
+    torch's meta normal_ costs seconds of imports and its values are discarded."""
     weight = torch.empty(num, dim)
     if not weight.is_meta:
         nn.init.normal_(weight, std=0.02)
-    return nn.Embedding(num, dim, _weight=weight)
+    return weight
 
 
 class GPT2(nn.Module):
     def __init__(self, config: GPT2Config) -> None:
         super().__init__()
         self.config = config
-        self.wte = embedding(config.vocab_size, config.n_embd)
-        self.wpe = embedding(config.n_positions, config.n_embd)
+        V, P, C = config.vocab_size, config.n_positions, config.n_embd
+        self.wte = Embedding(V, C, embedding_init(V, C))  # shared with the head: may be formatted
+        self.wpe = nn.Embedding(P, C, _weight=embedding_init(P, C))
         self.h = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
@@ -143,6 +167,7 @@ class GPT2(nn.Module):
         """Share the LM head with the token embedding (again after weights are assigned)."""
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.wte.weight
+            self.lm_head.scale = self.wte.scale
 
     def make_cache(
         self, batch_size: int, max_len: int, dtype: torch.dtype | None = None,
@@ -154,14 +179,19 @@ class GPT2(nn.Module):
                 f"a cache of {max_len} positions exceeds the model's context "
                 f"of {self.config.n_positions}"
             )
-        dtype = dtype or self.wte.weight.dtype
-        device = device or self.wte.weight.device
+        dtype = dtype or self.dtype
+        device = device or self.device
         c = self.config
         return [KVCache.empty(batch_size, max_len, c.n_head, c.head_dim, dtype, device) for _ in self.h]
 
     @property
     def device(self) -> torch.device:
         return self.wte.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of activations and the cache (the weights' may be smaller: formats.py)."""
+        return self.ln_f.weight.dtype
 
     def hidden_states(
         self, idx: torch.Tensor, positions: torch.Tensor | None = None,
@@ -199,12 +229,15 @@ class GPT2(nn.Module):
         dtype: torch.dtype | str = torch.float32, device: torch.device | str = "cpu",
     ) -> GPT2:
         """Load a Hugging Face GPT-2 checkpoint (a folder or a Hub id); see weights.py.
-        dtype: a torch dtype or its name ("float32", "bfloat16", "float16", "auto")."""
+        dtype: a torch dtype or its name ("float32", "bfloat16", "float16", "int8", "auto"); on the
+        CPU, bfloat16 and int8 store the weights small and compute in float32 (formats.py)."""
         from gpt2engine.runtime import pick_device, pick_dtype
         from gpt2engine.weights import load_model
 
         target = pick_device(device)
-        return load_model(name_or_path, revision=revision, dtype=pick_dtype(dtype, target), device=target)
+        compute, weight_format = pick_dtype(dtype, target)
+        return load_model(name_or_path, revision=revision, dtype=compute, device=target,
+                          weight_format=weight_format)
 
     def save_pretrained(
         self, folder: str | Path, *, overwrite: bool = False, extra_files: tuple[Path, ...] = ()

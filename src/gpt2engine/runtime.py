@@ -15,7 +15,7 @@ if TYPE_CHECKING:  # torch is imported when a device is picked, so `gpt2 --help`
     from gpt2engine.model import GPT2
     from gpt2engine.tokenizer import Tokenizer
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16", "int8")
 DEVICE = re.compile(r"^(auto|cpu|mps|(cuda|xpu)(:\d{1,3})?)$")
 
 
@@ -41,8 +41,14 @@ def pick_device(name: str | torch.device = "auto") -> torch.device:
     return torch.device(name)
 
 
-def pick_dtype(name: str | torch.dtype, device: torch.device) -> torch.dtype:
-    """`auto` is float32 on the CPU (exact) and float16 on accelerators (fast)."""
+def pick_dtype(name: str | torch.dtype, device: torch.device) -> tuple[torch.dtype, str | None]:
+    """(dtype of the activations and the cache, weight format or None for weights in that dtype).
+
+    `auto` is float32 on the CPU (exact, and our kernel streams it at the memory bandwidth) and
+    float16 on accelerators. On the CPU, bfloat16 and int8 are weight formats (formats.py): the
+    weights are stored small and widened in registers, the rest stays float32, so they are faster
+    than float32 on any CPU; int8 is a CPU mode only.
+    """
     import torch
 
     if isinstance(name, torch.dtype):
@@ -50,8 +56,12 @@ def pick_dtype(name: str | torch.dtype, device: torch.device) -> torch.dtype:
     if name not in DTYPES:
         raise GPT2EngineError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}")
     if name == "auto":
-        return torch.float32 if device.type == "cpu" else torch.float16
-    return getattr(torch, name)
+        return (torch.float32, None) if device.type == "cpu" else (torch.float16, None)
+    if device.type == "cpu" and name in ("bfloat16", "int8"):
+        return torch.float32, name
+    if name == "int8":
+        raise GPT2EngineError(f"dtype int8 is a CPU mode; on {device} use float16 or bfloat16")
+    return getattr(torch, name), None
 
 
 def load_pretrained(
@@ -70,11 +80,12 @@ def load_pretrained(
     target = pick_device(device)
     started = time.perf_counter()
     folder = resolve_checkpoint(name_or_path, revision)
-    chosen = pick_dtype(dtype, target)
+    compute, weight_format = pick_dtype(dtype, target)
+    mode = weight_format or str(compute).removeprefix("torch.")
     where = str(folder) if str(folder) == str(name_or_path) else f"{name_or_path} ({folder})"
-    say(f"Loading weights from {where} on {target}, {str(chosen).removeprefix('torch.')}...")
+    say(f"Loading weights from {where} on {target}, {mode}...")
     tokenizer = Tokenizer.from_pretrained(folder)  # a broken tokenizer fails before the weights load
-    model = GPT2.from_pretrained(folder, dtype=chosen, device=target)
+    model = GPT2.from_pretrained(folder, dtype=mode, device=target)
     check_vocabularies(model, tokenizer)
     say(f"Weights loaded successfully ({model.config.parameter_count() / 1e6:.0f}M parameters, "
         f"{time.perf_counter() - started:.1f} s).")

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from gpt2engine import formats
 from gpt2engine.config import GPT2Config
 from gpt2engine.errors import GPT2EngineError
 from gpt2engine.hub import resolve_checkpoint
@@ -138,17 +139,19 @@ def read_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
 
 def convert_checkpoint(
     tensors: Iterator[tuple[str, torch.Tensor]], model: GPT2, dtype: torch.dtype,
-    device: torch.device | str,
+    device: torch.device | str, weight_format: str | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Map Hugging Face keys onto `model`'s parameters, transposing Conv1D and checking shapes.
+    """Map Hugging Face keys onto `model`'s parameters, transposing Conv1D and checking shapes;
+    with a weight format, the weights it applies to are encoded one by one as they are read.
 
     Shapes are compared in the checkpoint's own layout, so a message names the key and the
     shape exactly as they appear in the file.
     """
     expected = {  # in the file's layout: Conv1D weights are (in, out)
         name: tuple(t.shape)[::-1] if is_conv1d(name) else tuple(t.shape)
-        for name, t in model.state_dict().items()
+        for name, t in model.state_dict().items() if not name.endswith(".scale")
     }
+    encoded = set(formats.formatted_weights(model)) if weight_format else set()
     tied = model.config.tie_word_embeddings
     state: dict[str, torch.Tensor] = {}
     problems: list[str] = []
@@ -171,8 +174,13 @@ def convert_checkpoint(
             continue
         if name == TIED_HEAD and tied:
             continue  # the head is the token embedding; the stored copy adds nothing
-        tensor = tensor.t() if is_conv1d(name) else tensor
-        state[name] = tensor.to(device=device, dtype=dtype).contiguous()
+        tensor = (tensor.t() if is_conv1d(name) else tensor).to(device=device, dtype=dtype)
+        if name in encoded:
+            state[name], scale = formats.encode(tensor, weight_format)
+            if scale is not None:
+                state[name.removesuffix("weight") + "scale"] = scale
+        else:
+            state[name] = tensor.contiguous()
     problems += [f"missing tensor {hf_name(name)} (expected shape {shape})"
                  for name, shape in expected.items()
                  if name not in state and not (name == TIED_HEAD and tied)]
@@ -181,6 +189,8 @@ def convert_checkpoint(
         raise GPT2EngineError(f"checkpoint does not fit the config: {problems[0]}{more}")
     if tied:
         state[TIED_HEAD] = state["wte.weight"]
+        if "wte.scale" in state:
+            state["lm_head.scale"] = state["wte.scale"]
     return state
 
 
@@ -198,26 +208,31 @@ def check_size(config: GPT2Config, files: list[Path]) -> None:
 def load_model(
     name_or_path: str | Path, *, revision: str | None = None,
     dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+    weight_format: str | None = None,
 ) -> GPT2:
-    """Build GPT2 on the meta device and assign the converted tensors: one copy of the weights."""
+    """Build GPT2 on the meta device and assign the converted tensors: one copy of the weights,
+    in `weight_format` (formats.py) if one is given."""
     folder = resolve_checkpoint(name_or_path, revision)
     config = GPT2Config.from_json_file(folder / "config.json")
     files = weight_files(folder)
     check_size(config, files)
     with torch.device("meta"):
         model = GPT2(config)
-    state = convert_checkpoint(read_tensors(files), model, dtype, device)
+    if weight_format:
+        formats.prepare(model, weight_format)
+    state = convert_checkpoint(read_tensors(files), model, dtype, device, weight_format)
     model.load_state_dict(state, assign=True)
     model.tie_weights()
     return model.eval().requires_grad_(False)
 
 
 def to_hf_state_dict(model: GPT2) -> dict[str, torch.Tensor]:
-    """Our parameters under Hugging Face keys, Conv1D weights transposed back to (in, out)."""
+    """Our parameters under Hugging Face keys, Conv1D weights transposed back to (in, out), weights
+    in a smaller format decoded to the model's dtype."""
     tied = model.config.tie_word_embeddings
     return {
         hf_name(name): (tensor.t() if is_conv1d(name) else tensor).detach().cpu().contiguous()
-        for name, tensor in model.state_dict().items()
+        for name, tensor in formats.dense_state_dict(model, model.dtype).items()
         if not (name == TIED_HEAD and tied)
     }
 

@@ -1,12 +1,13 @@
-"""A float32 matrix-vector kernel of our own for the CPU decode step (linear.c), with torch as
-the fallback.
+"""Linear layers on the CPU with kernels of our own (linear.c), torch as the fallback.
 
 torch's float32 kernels stream the weights at about half the memory bandwidth when a decode
-step multiplies them by a few rows; linear.c reads each weight once per step at close to the
-bandwidth, and computes every row the same way whatever the batch (batch invariance). It is
-compiled on first use with the machine's C compiler (`-O3 -march=native -fopenmp`) into a cache
-keyed by the source, the compiler and the CPU's feature flags, so a build for one CPU is never
-loaded on another. No compiler, a failed build, `GPT2ENGINE_KERNELS=0`: torch's F.linear.
+step multiplies them by a few rows, and have none for float32 activations against bfloat16 or
+int8 weights (formats.py). linear.c reads each weight once per step at close to the bandwidth,
+in any of the three formats, and computes every row the same way whatever the batch (batch
+invariance). It is compiled on first use with the machine's C compiler (`-O3 -march=native
+-fopenmp`) into a cache keyed by the sources, the compiler and the CPU's feature flags, so a
+build for one CPU is never loaded on another. No compiler, a failed build, `GPT2ENGINE_KERNELS=0`:
+torch's F.linear (over the decoded weights for the smaller formats: correct, not fast).
 """
 
 from __future__ import annotations
@@ -19,14 +20,22 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-SOURCE = Path(__file__).with_name("linear.c")
+from gpt2engine.formats import decode
+
+HERE = Path(__file__).parent
+SOURCES = (HERE / "linear.c", HERE / "attention.c")  # compiled together into one library
+HEADERS = (HERE / "linear_body.h", HERE / "linear_vnni.h")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
-MAX_ROWS = 128  # beyond this (long prefill chunks, evaluation windows), torch's GEMM is the faster one
+MAX_ROWS = 128  # beyond this (long prefill chunks, evaluation windows) a GEMM is the faster one
+MAX_ATTENTION_SLOTS = 8192  # attention.c keeps a row's scores on the stack
+KERNELS = {torch.float32: "gpt2engine_linear_f32", torch.bfloat16: "gpt2engine_linear_bf16",
+           torch.int8: "gpt2engine_linear_i8"}
 
 
 def cpu_flags() -> str:
@@ -44,43 +53,115 @@ def cache_dir() -> Path:
     return Path(root).expanduser() / "gpt2engine"
 
 
+@dataclass(frozen=True)
+class Kernels:
+    linear: dict[torch.dtype, ctypes._CFuncPtr]  # by weight dtype
+    decode_attention: ctypes._CFuncPtr
+    int8_activations: bool  # int8 weights meet int8 activations (AVX-512 VNNI), else float32 ones
+
+
 @functools.cache
-def compiled():
-    """The kernel as a ctypes function, built on first use; None if it cannot be had here."""
+def compiled() -> Kernels | None:
+    """The kernels as ctypes functions, built on first use; None if they cannot be had here."""
     compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if os.environ.get("GPT2ENGINE_KERNELS", "1") == "0" or compiler is None or platform.system() != "Linux":
         return None
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256("\n".join([SOURCE.read_text(), " ".join(FLAGS), version, cpu_flags()])
-                         .encode()).hexdigest()[:16]
-    library = cache_dir() / f"linear-{key}.so"
+    key = hashlib.sha256("\n".join([*(s.read_text() for s in SOURCES + HEADERS), " ".join(FLAGS),
+                                    version, cpu_flags()]).encode()).hexdigest()[:16]
+    library = cache_dir() / f"kernels-{key}.so"
     try:
         if not library.is_file():
             library.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=library.parent) as scratch:
                 built = Path(scratch) / library.name
-                subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built)], check=True,
+                subprocess.run([compiler, *FLAGS, *map(str, SOURCES), "-o", str(built)], check=True,
                                capture_output=True, timeout=120)
                 os.replace(built, library)
-        function = ctypes.CDLL(str(library)).gpt2engine_linear_f32
+        shared = ctypes.CDLL(str(library))
     except (OSError, subprocess.SubprocessError):
         return None
-    function.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 4
-    function.restype = None
-    return function
+    linears = {}
+    for dtype, name in KERNELS.items():
+        linears[dtype] = function = getattr(shared, name)
+        function.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 4
+        function.restype = None
+    attention = shared.gpt2engine_decode_attention
+    attention.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 4 + [ctypes.c_float, ctypes.c_int]
+    attention.restype = None
+    return Kernels(linears, attention, bool(shared.gpt2engine_int8_activations()))
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    # x: (..., in), weight: (out, in), bias: (out,) or None -> (..., out), as F.linear
+@functools.cache
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX-512 BF16, AMX), which makes torch's
+    bfloat16 GEMM faster than its float32 one (elsewhere it is several times slower)."""
+    return bool({"avx512_bf16", "amx_bf16"} & set(cpu_flags().split()))
+
+
+def int8_activations() -> bool:
+    """Whether int8 weights meet int8 activations here, in our decode kernel and so in the GEMM."""
+    kernels = compiled()
+    return kernels is not None and kernels.int8_activations
+
+
+def gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+         scale: torch.Tensor | None) -> torch.Tensor:
+    """Many rows (a long prefill chunk) against a weight in any format: torch's GEMM in the fastest
+    type this CPU has for it. int8 weights meet activations quantized per row exactly as our
+    kernel quantizes them (symmetric, scale = max |x| / 127; exact int32 sums) where it does;
+    bfloat16 weights meet activations rounded to bfloat16 where the CPU multiplies those natively;
+    elsewhere the weights are widened to float32."""
+    # x: (M, in) float32 -> (M, out) float32
+    if weight.dtype == torch.int8 and int8_activations():
+        x_scale = x.abs().amax(dim=1, keepdim=True).clamp_(min=torch.finfo(torch.float32).tiny) / 127
+        sums = torch._int_mm(torch.round(x / x_scale).to(torch.int8), weight.t())  # (M, out) int32
+        y = sums.float().mul_(x_scale).mul_(scale)
+        return y if bias is None else y.add_(bias)
+    if weight.dtype == torch.bfloat16 and native_bf16():
+        y = F.linear(x.bfloat16(), weight).float()
+        return y if bias is None else y.add_(bias)
+    return F.linear(x, decode(weight, scale, x.dtype), bias)
+
+
+def linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor | None = None
+) -> torch.Tensor:
+    # x: (..., in), weight: (out, in) float32/bfloat16/int8, bias, scale: (out,) or None -> (..., out)
+    # = F.linear(x, scale[:, None] * weight, bias), up to the rounding of the weights' format
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    usable = (0 < rows <= MAX_ROWS and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
-              and weight.is_contiguous() and (bias is None or bias.is_contiguous())
-              and not (x.requires_grad or weight.requires_grad))
-    kernel = compiled() if usable else None
-    if kernel is None:
-        return F.linear(x, weight, bias)
+    on_cpu = (rows > 0 and x.device.type == "cpu" and x.dtype == torch.float32 and weight.is_contiguous()
+              and (bias is None or bias.is_contiguous()) and not (x.requires_grad or weight.requires_grad))
+    if not on_cpu:
+        return F.linear(x, decode(weight, scale, x.dtype), bias)
     x2 = x.reshape(rows, x.shape[-1]).contiguous()
+    kernels = compiled()
+    kernel = kernels.linear.get(weight.dtype) if kernels and rows <= MAX_ROWS else None
+    if kernel is None:
+        return gemm(x2, weight, bias, scale).reshape(*x.shape[:-1], weight.shape[0])
     out = torch.empty(rows, weight.shape[0], dtype=torch.float32)
-    kernel(x2.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(), out.data_ptr(),
+    kernel(x2.data_ptr(), weight.data_ptr(), None if scale is None else scale.data_ptr(),
+           None if bias is None else bias.data_ptr(), out.data_ptr(),
            rows, x.shape[-1], weight.shape[0], torch.get_num_threads())
     return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     positions: torch.Tensor, n_head: int, scale: float) -> torch.Tensor | None:
+    """One decode step's attention (attention.c): writes each row's new key and value at its
+    position in the cache, attends over that row's slots 0..position; None where the kernel
+    does not apply (then the caller takes torch's path)."""
+    # qkv: (B, 1, 3C), k_cache, v_cache: (B, nh, S, hs), positions: (B, 1) -> (B, 1, C)
+    B, T, three_c = qkv.shape
+    kernels = compiled()
+    if (kernels is None or T != 1 or qkv.device.type != "cpu" or qkv.dtype != torch.float32
+            or k_cache.dtype != torch.float32 or positions.dtype != torch.int64
+            or k_cache.shape[2] > MAX_ATTENTION_SLOTS
+            or not (qkv.is_contiguous() and k_cache.is_contiguous() and v_cache.is_contiguous())):
+        return None
+    out = torch.empty(B, 1, three_c // 3)
+    positions = positions.contiguous()
+    kernels.decode_attention(qkv.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), positions.data_ptr(),
+                             out.data_ptr(), B, n_head, k_cache.shape[2], k_cache.shape[3], scale,
+                             torch.get_num_threads())
+    return out

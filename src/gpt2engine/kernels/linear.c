@@ -1,79 +1,109 @@
-/* y = x W^T + b for float32 on the CPU, for the few rows of a decode step (gpt2engine.kernels).
+/* y = x W^T + b on the CPU, with W in float32, bfloat16 or int8 (gpt2engine.kernels).
  *
- * Decoding reads every weight once per token, so speed is memory bandwidth: each block of 4
- * weight rows is read from memory once and stays in cache while every row of x passes over it,
- * 4 rows of x at a time (16 sums in registers), the rest one at a time; the next block is
- * prefetched while the first rows of x pass over this one.
+ * Decoding reads every weight once per token, so its speed is memory bandwidth: each block of 4
+ * weight rows is read from memory once and stays in cache while the rows of x pass over it, 4 at
+ * a time (16 sums in registers), the rest one at a time; the next block is prefetched meanwhile.
+ * Smaller weights stream faster: bfloat16 (a float32 cut to its top 16 bits) and int8 (per output
+ * row, w = scale * q) are widened to float32 in registers, so x and the sums stay float32.
+ * Long inputs (a prefill) go over the weights in tiles of TILE rows of x, which stay in cache.
  * Batch invariance: every sum x[m] . W[o] is accumulated lane by lane (VL lanes, lane l taking
  * the products i = l, l + VL, ...) and the lanes are added in a fixed order, in both routines, so a
  * row gives bit-identical results alone or in any batch.
  */
+#include <float.h>
+#include <math.h>
+#include <omp.h>
 #include <stddef.h>
+#include <stdint.h>
+#include <string.h>
 
+#define TILE 32  /* rows of x per pass over the weights */
+#define AHEAD 8  /* weight rows ahead of the block in use to prefetch (2 blocks) */
+
+/* One weight of each format as a float, for the tails of rows that are not a multiple of VL. */
+static inline float load_f32(const float *w) { return *w; }
+static inline float load_bf16(const uint16_t *w) {
+    uint32_t bits = (uint32_t)*w << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+static inline float load_i8(const int8_t *w) { return (float)*w; }
+
+/* vec: VL float32 lanes, the widest the CPU has; widen_*: VL weights of a format as floats. */
 #if defined(__AVX512F__)
+#include <immintrin.h>
 #define VL 16
-#else
+typedef __m512 vec;
+static inline vec vzero(void) { return _mm512_setzero_ps(); }
+static inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
+static inline void vstore(float *p, vec v) { _mm512_storeu_ps(p, v); }
+static inline vec widen_f32(const float *p) { return _mm512_loadu_ps(p); }
+static inline vec widen_bf16(const uint16_t *p) {
+    __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+static inline vec widen_i8(const int8_t *p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
 #define VL 8
+typedef __m256 vec;
+static inline vec vzero(void) { return _mm256_setzero_ps(); }
+static inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
+static inline void vstore(float *p, vec v) { _mm256_storeu_ps(p, v); }
+static inline vec widen_f32(const float *p) { return _mm256_loadu_ps(p); }
+static inline vec widen_bf16(const uint16_t *p) {
+    __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+static inline vec widen_i8(const int8_t *p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+}
+#else
+#define VL 1
+typedef float vec;
+static inline vec vzero(void) { return 0.0f; }
+static inline vec vfma(vec a, vec b, vec c) { return a * b + c; }
+static inline void vstore(float *p, vec v) { *p = v; }
+static inline vec widen_f32(const float *p) { return *p; }
+static inline vec widen_bf16(const uint16_t *p) { return load_bf16(p); }
+static inline vec widen_i8(const int8_t *p) { return load_i8(p); }
 #endif
 
-static inline float finish(const float lanes[VL], const float *x, const float *w, int from, int n) {
-    float s = 0.0f;
+static inline vec vload(const float *p) { return widen_f32(p); }
+
+/* The lanes of a sum added in a fixed order. */
+static inline float reduce(vec v) {
+    float lanes[VL], s = 0.0f;
+    vstore(lanes, v);
     for (int l = 0; l < VL; l++) s += lanes[l];
-    for (int i = from; i < n; i++) s += x[i] * w[i];
     return s;
 }
 
-/* R (1 or 4) rows of x against 4 rows of W -> out[r][c] = x[r] . w[c]. */
-static inline void block(const float *x, size_t ldx, int R, const float *w, size_t ldw, int n,
-                         float out[4][4], int prefetch) {
-    float acc[4][4][VL] = {{{0.0f}}};
-    int i = 0;
-    for (; i + VL <= n; i += VL) {
-        if (prefetch)  /* the next 4 weight rows, while this block computes */
-            for (int c = 0; c < 4; c++) __builtin_prefetch(w + (4 + c) * ldw + i, 0, 1);
-        for (int r = 0; r < R; r++) {
-            const float *xr = x + r * ldx + i;
-            for (int c = 0; c < 4; c++) {
-                const float *wc = w + c * ldw + i;
-                #pragma omp simd
-                for (int l = 0; l < VL; l++) acc[r][c][l] += xr[l] * wc[l];
-            }
-        }
-    }
-    for (int r = 0; r < R; r++)
-        for (int c = 0; c < 4; c++) out[r][c] = finish(acc[r][c], x + r * ldx, w + c * ldw, i, n);
-}
+/* One copy of the routines per weight type: W_T is the element, WIDEN loads VL of them, LOAD one. */
+#define W_T float
+#define WIDEN widen_f32
+#define LOAD load_f32
+#define NAME(f) f##_f32
+#include "linear_body.h"
 
-static inline float dot(const float *x, const float *w, int n) {
-    float acc[VL] = {0.0f};
-    int i = 0;
-    for (; i + VL <= n; i += VL) {
-        #pragma omp simd
-        for (int l = 0; l < VL; l++) acc[l] += x[i + l] * w[i + l];
-    }
-    return finish(acc, x, w, i, n);
-}
+#define W_T uint16_t
+#define WIDEN widen_bf16
+#define LOAD load_bf16
+#define NAME(f) f##_bf16
+#include "linear_body.h"
 
-/* x: (M, in), W: (out, in) row-major, b: (out,) or NULL, y: (M, out). */
-void gpt2engine_linear_f32(const float *x, const float *W, const float *b, float *y,
-                           int M, int in, int out, int threads) {
-    #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int o = 0; o < out; o += 4) {
-        int n = out - o < 4 ? out - o : 4;
-        const float *w = W + (size_t)o * in;
-        for (int m = 0; m < M;) {
-            int R = (n == 4 && M - m >= 4) ? 4 : 1;
-            float s[4][4];
-            if (n == 4) {
-                int ahead = m == 0 && o + 8 <= out;  /* once per weight block */
-                if (R == 4) block(x + (size_t)m * in, in, 4, w, in, in, s, ahead);
-                else block(x + (size_t)m * in, in, 1, w, in, in, s, ahead);
-            } else {
-                for (int c = 0; c < n; c++) s[0][c] = dot(x + (size_t)m * in, w + (size_t)c * in, in);
-            }
-            for (int r = 0; r < R; r++)
-                for (int c = 0; c < n; c++) y[(size_t)(m + r) * out + o + c] = s[r][c] + (b ? b[o + c] : 0.0f);
-            m += R;
-        }
-    }
-}
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#include "linear_vnni.h"
+#else
+#define W_T int8_t
+#define WIDEN widen_i8
+#define LOAD load_i8
+#define NAME(f) f##_i8
+#include "linear_body.h"
+
+/* Whether int8 weights meet int8 activations (linear_vnni.h) or float32 ones (here). */
+int gpt2engine_int8_activations(void) { return 0; }
+#endif

@@ -13,7 +13,7 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -115,10 +115,12 @@ class Gate:
 
 
 def create_app(
-    settings: Settings, load: Callable[[], Engine], on_load_error: Callable[[str], None]
+    settings: Settings, load: Callable[[], Engine], on_load_error: Callable[[str], None],
+    peers_ready: Callable[[], Awaitable[bool]] | None = None,
 ) -> FastAPI:
     """The app; `load` builds the engine in a thread after the server starts listening, so
-    /health can say 503 while the weights load; `on_load_error` hears why loading failed."""
+    /health can say 503 while the weights load; `on_load_error` hears why loading failed;
+    `peers_ready`, where the app is one replica of several, says whether all of them run."""
     state = State(settings)
 
     def load_in_background() -> None:
@@ -173,8 +175,10 @@ def create_app(
 
     @app.get("/health", summary="200 when ready; 503 while loading or draining")
     async def health() -> JSONResponse:
-        ok = state.status == "ready"
-        return JSONResponse({"status": state.status}, status_code=200 if ok else 503)
+        status = state.status
+        if status == "ready" and peers_ready is not None and not await peers_ready():
+            status = "waiting for replicas"
+        return JSONResponse({"status": status}, status_code=200 if status == "ready" else 503)
 
     @app.get("/v1/models", summary="the served model")
     async def models() -> dict:

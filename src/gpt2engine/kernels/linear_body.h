@@ -1,0 +1,76 @@
+/* The routines of linear.c for one weight type; included once per type with W_T, WIDEN, LOAD and
+ * NAME defined, which it undefines at its end. */
+
+/* x . w over n inputs, the first `from` of them already summed lane by lane in `lanes`. */
+static inline float NAME(finish)(vec lanes, const float *x, const W_T *w, int from, int n) {
+    float s = reduce(lanes);
+    for (int i = from; i < n; i++) s += x[i] * LOAD(w + i);
+    return s;
+}
+
+/* R (1 or 4) rows of x against 4 rows of W -> out[r][c] = x[r] . w[c]. */
+static inline void NAME(block)(const float *x, size_t ldx, int R, const W_T *w, size_t ldw, int n,
+                               float out[4][4], int prefetch) {
+    vec acc[4][4];
+    for (int r = 0; r < 4; r++)
+        for (int c = 0; c < 4; c++) acc[r][c] = vzero();
+    int i = 0;
+    for (; i + VL <= n; i += VL) {
+        if (prefetch)  /* the next 4 weight rows, while this block computes */
+            for (int c = 0; c < 4; c++) __builtin_prefetch(w + (AHEAD + c) * ldw + i, 0, 1);
+        vec wc[4];
+        for (int c = 0; c < 4; c++) wc[c] = WIDEN(w + c * ldw + i);
+        for (int r = 0; r < R; r++) {
+            vec xr = vload(x + r * ldx + i);
+            for (int c = 0; c < 4; c++) acc[r][c] = vfma(xr, wc[c], acc[r][c]);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < 4; c++) out[r][c] = NAME(finish)(acc[r][c], x + r * ldx, w + c * ldw, i, n);
+}
+
+static inline float NAME(dot)(const float *x, const W_T *w, int n) {
+    vec acc = vzero();
+    int i = 0;
+    for (; i + VL <= n; i += VL) acc = vfma(vload(x + i), WIDEN(w + i), acc);
+    return NAME(finish)(acc, x, w, i, n);
+}
+
+/* x: (M, in), W: (out, in) row-major, scale: (out,) or NULL (y[.., o] = scale[o] * (x . W[o])),
+ * b: (out,) or NULL, y: (M, out). Each thread owns a contiguous share of the weight blocks. */
+void NAME(gpt2engine_linear)(const float *x, const W_T *W, const float *scale, const float *b,
+                             float *y, int M, int in, int out, int threads) {
+    #pragma omp parallel num_threads(threads)
+    {
+        int blocks = (out + 3) / 4, t = omp_get_thread_num(), nt = omp_get_num_threads();
+        int first = (int)((long)blocks * t / nt), last = (int)((long)blocks * (t + 1) / nt);
+        for (int tile = 0; tile < M; tile += TILE) {
+            int tile_end = M - tile < TILE ? M : tile + TILE;
+            for (int blk = first; blk < last; blk++) {
+                int o = 4 * blk, n = out - o < 4 ? out - o : 4;
+                const W_T *w = W + (size_t)o * in;
+                for (int m = tile; m < tile_end;) {
+                    int R = (n == 4 && tile_end - m >= 4) ? 4 : 1;
+                    float s[4][4];
+                    if (n == 4) {
+                        int ahead = m == 0 && blk + AHEAD / 4 + 1 <= last;  /* once per weight block */
+                        if (R == 4) NAME(block)(x + (size_t)m * in, in, 4, w, in, in, s, ahead);
+                        else NAME(block)(x + (size_t)m * in, in, 1, w, in, in, s, ahead);
+                    } else {
+                        for (int c = 0; c < n; c++) s[0][c] = NAME(dot)(x + (size_t)m * in, w + (size_t)c * in, in);
+                    }
+                    for (int r = 0; r < R; r++)
+                        for (int c = 0; c < n; c++)
+                            y[(size_t)(m + r) * out + o + c] =
+                                (scale ? scale[o + c] * s[r][c] : s[r][c]) + (b ? b[o + c] : 0.0f);
+                    m += R;
+                }
+            }
+        }
+    }
+}
+
+#undef W_T
+#undef WIDEN
+#undef LOAD
+#undef NAME

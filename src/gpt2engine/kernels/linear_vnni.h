@@ -1,0 +1,111 @@
+/* int8 weights against int8 activations, for CPUs with AVX-512 VNNI (included by linear.c).
+ *
+ * Widening int8 weights to float32 leaves a batched decode step bound by the multiplies, so here
+ * the activations are quantized too, per row of x, as the prefill GEMM does (kernels/__init__.py):
+ * xq = round(x / sx), sx = max |x| / 127. vpdpbusd multiplies unsigned by signed bytes, 64 at a
+ * time into 16 int32 sums: the weights are made unsigned by flipping their top bit (q + 128),
+ * and 128 * sum(xq) is taken back off. Integer sums are exact, so every row's result is the same
+ * whatever the batch and whatever order the sums were added in; the prefill GEMM gets the same
+ * integers from torch._int_mm.
+ */
+#include <immintrin.h>
+#include <stdlib.h>
+
+#define BYTES 64
+
+static void quantize_rows(const float *x, int M, int in, int n_vec, int8_t *xq, float *xs,
+                          int32_t *xsum) {
+    for (int m = 0; m < M; m++) {
+        const float *row = x + (size_t)m * in;
+        float top = 0.0f;
+        int finite = 1;
+        for (int i = 0; i < in; i++) {
+            top = fabsf(row[i]) > top ? fabsf(row[i]) : top;
+            finite &= isfinite(row[i]) != 0;
+        }
+        float s = finite ? (top > FLT_MIN ? top : FLT_MIN) / 127.0f : NAN;  /* NaN in, NaN out */
+        int32_t sum = 0;
+        for (int i = 0; i < in; i++) {
+            int8_t q = finite ? (int8_t)nearbyintf(row[i] / s) : 0;
+            xq[(size_t)m * in + i] = q;
+            sum += i < n_vec ? q : 0;
+        }
+        xs[m] = s, xsum[m] = sum;
+    }
+}
+
+/* R (1 or 4) rows of xq against 4 rows of W -> out[r][c] = xq[r] . w[c] (exact). */
+static inline void block_vnni(const int8_t *x, size_t ldx, int R, const int8_t *w, size_t ldw, int n,
+                              int n_vec, const int32_t *xsum, int32_t out[4][4], int prefetch) {
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    __m512i acc[4][4];
+    for (int r = 0; r < 4; r++)
+        for (int c = 0; c < 4; c++) acc[r][c] = _mm512_setzero_si512();
+    for (int i = 0; i < n_vec; i += BYTES) {
+        if (prefetch)
+            for (int c = 0; c < 4; c++) __builtin_prefetch(w + (AHEAD + c) * ldw + i, 0, 1);
+        __m512i wc[4];
+        for (int c = 0; c < 4; c++) wc[c] = _mm512_xor_si512(_mm512_loadu_si512(w + c * ldw + i), flip);
+        for (int r = 0; r < R; r++) {
+            __m512i xr = _mm512_loadu_si512(x + r * ldx + i);
+            for (int c = 0; c < 4; c++) acc[r][c] = _mm512_dpbusd_epi32(acc[r][c], wc[c], xr);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < 4; c++) {
+            int32_t s = _mm512_reduce_add_epi32(acc[r][c]) - 128 * xsum[r];
+            for (int i = n_vec; i < n; i++) s += (int32_t)w[c * ldw + i] * x[r * ldx + i];
+            out[r][c] = s;
+        }
+}
+
+static inline int32_t dot_exact(const int8_t *x, const int8_t *w, int n) {
+    int32_t s = 0;
+    for (int i = 0; i < n; i++) s += (int32_t)w[i] * x[i];
+    return s;
+}
+
+void gpt2engine_linear_i8(const float *x, const int8_t *W, const float *scale, const float *b,
+                          float *y, int M, int in, int out, int threads) {
+    int n_vec = in - in % BYTES;
+    int8_t *xq = malloc((size_t)M * in);
+    float *xs = malloc((size_t)M * sizeof(float));
+    int32_t *xsum = malloc((size_t)M * sizeof(int32_t));
+    if (!xq || !xs || !xsum) {  /* a few KB: not expected; report NaN rather than crash */
+        for (size_t k = 0; k < (size_t)M * out; k++) y[k] = NAN;
+        free(xq), free(xs), free(xsum);
+        return;
+    }
+    quantize_rows(x, M, in, n_vec, xq, xs, xsum);
+    #pragma omp parallel num_threads(threads)
+    {
+        int blocks = (out + 3) / 4, t = omp_get_thread_num(), nt = omp_get_num_threads();
+        int first = (int)((long)blocks * t / nt), last = (int)((long)blocks * (t + 1) / nt);
+        for (int tile = 0; tile < M; tile += TILE) {
+            int tile_end = M - tile < TILE ? M : tile + TILE;
+            for (int blk = first; blk < last; blk++) {
+                int o = 4 * blk, n = out - o < 4 ? out - o : 4;
+                const int8_t *w = W + (size_t)o * in;
+                for (int m = tile; m < tile_end;) {
+                    int R = (n == 4 && tile_end - m >= 4) ? 4 : 1;
+                    int32_t s[4][4];
+                    const int8_t *xm = xq + (size_t)m * in;
+                    if (n == 4) {
+                        int ahead = m == 0 && blk + AHEAD / 4 + 1 <= last;
+                        block_vnni(xm, in, R, w, in, in, n_vec, xsum + m, s, ahead);
+                    } else {
+                        for (int c = 0; c < n; c++) s[0][c] = dot_exact(xm, w + (size_t)c * in, in);
+                    }
+                    for (int r = 0; r < R; r++)
+                        for (int c = 0; c < n; c++)
+                            y[(size_t)(m + r) * out + o + c] =
+                                (float)s[r][c] * xs[m + r] * scale[o + c] + (b ? b[o + c] : 0.0f);
+                    m += R;
+                }
+            }
+        }
+    }
+    free(xq), free(xs), free(xsum);
+}
+
+int gpt2engine_int8_activations(void) { return 1; }
