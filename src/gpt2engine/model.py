@@ -8,6 +8,7 @@ This file knows nothing of files, tokenizers or sampling.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -47,9 +48,15 @@ class KVCache:
         self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # positions: (B, T), k, v: (B, nh, T, hs) -> slots 0..length-1 (B, nh, L, hs) twice
-        index = positions[:, None, :, None].expand_as(k)
-        self.k.scatter_(2, index, k)
-        self.v.scatter_(2, index, v)
+        T = k.shape[2]
+        start = int(positions[0, 0]) if k.shape[0] == 1 and T > 1 and k.device.type == "cpu" else -1
+        if start >= 0 and torch.equal(positions[0], torch.arange(start, start + T)):  # a prefill chunk
+            self.k[:, :, start : start + T] = k  # a slice copy, faster than a scatter
+            self.v[:, :, start : start + T] = v
+        else:
+            index = positions[:, None, :, None].expand_as(k)
+            self.k.scatter_(2, index, k)
+            self.v.scatter_(2, index, v)
         return self.k[:, :, :length], self.v[:, :, :length]
 
 
@@ -111,6 +118,15 @@ class CausalSelfAttention(nn.Module):
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GELU's tanh approximation written as x * sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3): the
+    same function within float rounding, twice as fast as torch's CPU kernel on a prefill's many
+    rows (and slower on a decode step's few, which keep nn.GELU)."""
+    # x: (..., C) -> (..., C)
+    c = 2 * math.sqrt(2 / math.pi)
+    return (x * x).mul_(0.044715 * c).add_(c).mul_(x).sigmoid_().mul_(x)
+
+
 class MLP(nn.Module):
     def __init__(self, config: GPT2Config) -> None:
         super().__init__()
@@ -120,7 +136,9 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (B, T, C) -> (B, T, C)
-        return self.c_proj(self.act(self.c_fc(x)))
+        h = self.c_fc(x)
+        many = self.act.approximate == "tanh" and h.numel() >= 2**16 and not h.requires_grad
+        return self.c_proj(gelu_tanh(h) if many else self.act(h))
 
 
 class Block(nn.Module):
