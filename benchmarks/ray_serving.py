@@ -1,10 +1,11 @@
 """Ray Serve scale-out on one machine: aggregate tokens/s of `gpt2 serve --ray` with 1 and 2
 replicas, and the cost of the Ray path against the plain `gpt2 serve` at 1 replica, same load.
 
-Every server gets the machine's CPUs in total (2 threads for one replica, 1 each for two). On one
-machine this shows the overhead of Ray's proxy and router and that requests spread; it cannot show
-scaling, because two replicas share the cores one replica already uses: that needs more machines
-(README, "Scale-out on Ray Serve").
+Every setup but the last two gets the machine's CPUs in total (2 threads for one replica, 1 each for
+two); the last two give the engine one core and leave the other to Ray's proxy, as a cluster node
+with cores to spare would. On one machine this shows the overhead of Ray's proxy and router and that
+requests spread; it cannot show scaling, because two replicas share the cores one replica already
+uses: that needs more machines (README, "Scale-out on Ray Serve").
 
 Run: .venv/bin/python benchmarks/ray_serving.py [--requests-per-client R]
 """
@@ -32,20 +33,22 @@ def main() -> None:
     folder = gpt2_124m_checkpoint()
     gpt2 = [str(Path(sys.executable).parent / "gpt2"), "serve", "--model", str(folder), "--quiet",
             "--max-model-len", "256"]
-    setups = {
-        "plain, 1 server": [*gpt2, "--max-batch", "16"],
-        "ray, 1 replica": [*gpt2, "--max-batch", "16", "--ray", "--replicas", "1",
-                           "--cpus-per-replica", str(CPUS)],
-        "ray, 2 replicas": [*gpt2, "--max-batch", "8", "--ray", "--replicas", "2",
-                            "--cpus-per-replica", str(max(1, CPUS // 2))],
+    ray = [*gpt2, "--ray", "--cpus-per-replica"]
+    setups = {  # name -> (command, torch threads of a plain server)
+        "plain, 2 threads": ([*gpt2, "--max-batch", "16"], CPUS),
+        "ray 1x2 CPUs": ([*ray, str(CPUS), "--max-batch", "16", "--replicas", "1"], CPUS),
+        "ray 2x1 CPU": ([*ray, str(max(1, CPUS // 2)), "--max-batch", "8", "--replicas", "2"], CPUS),
+        # one core for the engine, the other free for Ray's proxy: the overhead at equal compute
+        "plain, 1 thread": ([*gpt2, "--max-batch", "16"], 1),
+        "ray 1x1 CPU": ([*ray, "1", "--max-batch", "16", "--replicas", "1"], 1),
     }
-    print(f"GPT-2 124M (random weights), float32, {CPUS} CPUs in all per setup, 64 new tokens per "
-          f"request, greedy, {args.requests_per_client} requests per client; load before: {busy():.2f}")
+    print(f"GPT-2 124M (random weights), float32, {CPUS} CPUs, 64 new tokens per request, greedy, "
+          f"{args.requests_per_client} requests per client; load before: {busy():.2f}")
     results = {}
-    for name, command in setups.items():
+    for name, (command, threads) in setups.items():
         print(f"measuring {name}...", flush=True)
         port = free_port()
-        env = {**os.environ, "OMP_NUM_THREADS": str(CPUS)}
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         with running([*command, "--port", str(port)], port, env) as url:
             results[name] = {s: asyncio.run(load(url, s, args.requests_per_client, random.Random(0)))
                              for s in STREAMS}
@@ -54,10 +57,13 @@ def main() -> None:
         for s, r in by_streams.items():
             print(f"{name:>16} {s:>7} {r['tok_s']:>9.1f} {r['ttft_p50'] * 1000:>7.0f}ms "
                   f"{r['itl_p50'] * 1000:>6.1f}ms")
-    plain, one, two = (results[name] for name in setups)
+    r = results
     for s in STREAMS:
-        print(f"{s:>2} streams: Ray overhead at 1 replica {1 - one[s]['tok_s'] / plain[s]['tok_s']:+.1%} "
-              f"of tokens/s; 2 replicas / 1 replica x{two[s]['tok_s'] / one[s]['tok_s']:.2f}")
+        full = 1 - r["ray 1x2 CPUs"][s]["tok_s"] / r["plain, 2 threads"][s]["tok_s"]
+        spare = 1 - r["ray 1x1 CPU"][s]["tok_s"] / r["plain, 1 thread"][s]["tok_s"]
+        scaling = r["ray 2x1 CPU"][s]["tok_s"] / r["ray 1x2 CPUs"][s]["tok_s"]
+        print(f"{s:>2} streams: Ray overhead against the plain server, on all {CPUS} CPUs {full:+.1%}, "
+              f"on 1 CPU with a core to spare {spare:+.1%}; 2 replicas / 1 replica x{scaling:.2f}")
     print(f"load after: {busy():.2f}")
 
 

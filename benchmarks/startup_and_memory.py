@@ -46,7 +46,7 @@ def by_mode(folder: str, runs: int) -> None:
     for mode in MODES:
         weights = float(child(WEIGHT_BYTES, folder, mode)[1])
         seconds = median_of(runs, lambda m=mode: child(REPL_PEAK, folder, m, stdin="")[0])
-        peak = median_of(runs, lambda m=mode: float(child(REPL_PEAK, folder, m, stdin="")[1]))
+        peak = median_of(runs, lambda m=mode: float(child(REPL_PEAK, folder, m, stdin="")[1].split()[-1]))
         print(f"gpt2 --dtype {mode:<8}: to its prompt {seconds:.2f} s (import torch + "
               f"{seconds - torch_s:.2f} s); peak RSS {peak:.0f} MiB = import torch + "
               f"{(peak - torch_mib) / weights:.2f} x its {weights:.0f} MiB of weights")

@@ -9,8 +9,9 @@ all)`, greedy, the end-of-text token never stopping it:
 - decode tokens/s at batch 1 and 8: batch * (new_tokens - 1) / (time after the first token),
 - prefill tokens/s: a 512-token prompt over its time to the first token,
 - time to first token of a 16-token prompt at batch 1, load time, peak RSS,
-each the median of `repeats` runs after a warm-up, with the spread (max - min) / median; a
-measurement spread by more than NOISY is taken again once. Ours runs through the Engine that the
+each child doing one run after a warm-up, in `repeats` rounds that go over every engine and mode
+in turn (so a slow stretch of the shared machine falls on all of them alike); the table has the
+medians and the spread (max - min) / median of the rounds. Ours runs through the Engine that the
 CLI and the server use. The peers are optional (`pip install 'gpt2engine[bench]'`); one that is
 not installed is reported as missing, with what to install.
 """
@@ -45,7 +46,6 @@ NEEDS = {  # engine -> modules its child imports, and what provides them
     "llama.cpp": (("llama_cpp", "gguf"), "pip install 'gpt2engine[bench]' (llama-cpp-python builds "
                                          "llama.cpp from source: about 10 minutes)"),
 }
-NOISY = 0.15
 CONFIG_124M = dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12)
 
 
@@ -269,7 +269,7 @@ ADAPTERS = {"gpt2engine": Ours, "transformers": Transformers, "ctranslate2": CTr
 
 
 def measure(engine: str, mode: str, path: str, work: Workload) -> list[dict]:
-    """In the child: the workload on one engine in one mode, one result per batch size."""
+    """In the child: one run of the workload on one engine in one mode, a result per batch size."""
     import random
 
     rng = random.Random(0)
@@ -278,25 +278,29 @@ def measure(engine: str, mode: str, path: str, work: Workload) -> list[dict]:
     adapter = ADAPTERS[engine](path, mode, work)
     load_s = time.perf_counter() - started
     adapter.generate([prompt(work.prompt_tokens)] * max(work.batches), 4)  # warm-up
-
-    def median(samples: list[float]) -> tuple[float, float]:
-        middle = statistics.median(samples)
-        return middle, (max(samples) - min(samples)) / middle
-
-    long_prompt = prompt(work.prefill_tokens)
-    prefill, prefill_spread = median([work.prefill_tokens / adapter.generate([long_prompt], 1)[0]
-                                      for _ in range(work.repeats)])
+    prefill = work.prefill_tokens / adapter.generate([prompt(work.prefill_tokens)], 1)[0]
     rows = []
     for batch in work.batches:
-        prompts = [prompt(work.prompt_tokens) for _ in range(batch)]
-        runs = [adapter.generate(prompts, work.new_tokens) for _ in range(work.repeats)]
-        decode, spread = median([batch * (work.new_tokens - 1) / (total - first) for first, total in runs])
-        ttft, _ = median([first for first, _ in runs])
+        first, total = adapter.generate([prompt(work.prompt_tokens) for _ in range(batch)], work.new_tokens)
         rows.append(dict(engine=engine, dtype=mode, batch=batch, threads=work.threads,
-                         decode_tok_s=round(decode, 2), prefill_tok_s=round(prefill, 1),
-                         ttft_ms=round(ttft * 1e3, 1), load_s=round(load_s, 2),
-                         spread=round(max(spread, prefill_spread), 3)))
-    return [{**row, "peak_rss_mb": round(peak_rss() / 2**20)} for row in rows]
+                         decode_tok_s=batch * (work.new_tokens - 1) / (total - first),
+                         prefill_tok_s=prefill, ttft_ms=first * 1e3, load_s=load_s))
+    return [{**row, "peak_rss_mb": peak_rss() / 2**20} for row in rows]
+
+
+def combine(rounds: list[list[dict]]) -> list[dict]:
+    """One engine and mode's rounds -> per batch size the median of each number, and the spread
+    (max - min) / median of its decode and prefill speeds."""
+    combined = []
+    for at_batch in zip(*rounds, strict=True):
+        row = dict(at_batch[0])
+        for key, digits in (("decode_tok_s", 2), ("prefill_tok_s", 1), ("ttft_ms", 1), ("load_s", 2),
+                            ("peak_rss_mb", 0)):
+            row[key] = round(statistics.median(r[key] for r in at_batch), digits)
+        row["spread"] = round(max((max(v) - min(v)) / statistics.median(v) for v in (
+            [r["decode_tok_s"] for r in at_batch], [r["prefill_tok_s"] for r in at_batch])), 3)
+        combined.append(row)
+    return combined
 
 
 def peak_rss() -> int:
@@ -342,27 +346,33 @@ def cpu_summary() -> str:
 
 
 def run(engines: list[str], checkpoint: Path, work: Workload, say) -> list[dict]:
-    """Every (engine, mode) in its own child, one after another; noisy ones once more."""
+    """Every (engine, mode) in its own child; `work.repeats` rounds, each going over all of them in
+    turn, so that a slow stretch of a shared machine falls on every engine alike."""
     results: list[dict] = []
+    jobs: dict[tuple[str, str], Path] = {}
     for engine in engines:
         reason = missing_reason(engine)
         for mode in MODES[engine]:
             if reason:
                 results.append(dict(engine=engine, dtype=mode, missing=reason))
                 continue
-            say(f"{engine} {mode}...")
             try:
-                path = prepare(engine, mode, checkpoint)
+                jobs[engine, mode] = prepare(engine, mode, checkpoint)
             except (GPT2EngineError, subprocess.SubprocessError, OSError) as error:
                 results.append(dict(engine=engine, dtype=mode, failed=f"cannot prepare its weights: {error}"))
-                continue
+    rounds: dict[tuple[str, str], list[list[dict]]] = {key: [] for key in jobs}
+    for round_number in range(1, work.repeats + 1):
+        for (engine, mode), path in jobs.items():
+            if (engine, mode) not in rounds:
+                continue  # failed in an earlier round
+            say(f"round {round_number}/{work.repeats}: {engine} {mode}...")
             rows = run_child(engine, mode, path, work)
-            if any(row.get("spread", 0) > NOISY for row in rows):
-                again = run_child(engine, mode, path, work)
-                if max(r.get("spread", 1) for r in again) < max(r.get("spread", 1) for r in rows):
-                    rows = again
-            results += rows
-    return results
+            if any("failed" in row for row in rows):
+                results += rows
+                del rounds[engine, mode]
+            else:
+                rounds[engine, mode].append(rows)
+    return results + [row for runs in rounds.values() for row in combine(runs)]
 
 
 def ratio_table(rows: list[dict], metric: str, batch: int) -> list[str]:
@@ -386,7 +396,7 @@ def report(rows: list[dict], checkpoint: Path, work: Workload, load_before: floa
         f"{cpu_summary()}",
         f"{work.threads} threads for every engine; greedy, prompt {work.prompt_tokens} tokens, "
         f"{work.new_tokens} new; prefill of {work.prefill_tokens}; tokens/s, median of {work.repeats} "
-        f"after a warm-up; load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after",
+        f"rounds; load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after",
         "", header,
     ]
     seen = set()

@@ -423,7 +423,7 @@ def add_bench_command(commands: argparse._SubParsersAction) -> None:
     bench.add_argument("--new-tokens", type=bounded_int(8, 512), default=64, metavar="N",
                        help="tokens generated per decode run (default: 64)")
     bench.add_argument("--repeats", type=bounded_int(1, 20), default=3, metavar="R",
-                       help="runs per measurement; the median is reported (default: 3)")
+                       help="rounds over every engine and mode; the medians are reported (default: 3)")
     bench.add_argument("--json", action="store_true",
                        help="one JSON object per engine, mode and batch size instead of the table")
     bench.set_defaults(run=run_bench)

@@ -8,6 +8,9 @@ dropped. This is the only file that knows the Hugging Face key names and the Con
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import functools
 import json
 import os
 import shutil
@@ -80,6 +83,16 @@ SAFETENSORS_DTYPES = {
 }
 
 
+@functools.cache
+def return_large_buffers_to_the_system() -> None:
+    """Have glibc give buffers of 128 KiB and up back to the system when freed. By default it
+    raises that threshold to the largest buffer freed so far (up to 32 MiB), so the tensors read
+    and converted one after another leave a heap of freed ones behind: 40% more memory for float32
+    weights, twice as much for bfloat16. Elsewhere than glibc this does nothing."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+
+
 def read_safetensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """Read a .safetensors file one tensor at a time, each straight into its own buffer.
 
@@ -88,6 +101,7 @@ def read_safetensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
     file stays resident once its tensor is converted: loading peaks at about one copy of the
     weights plus the largest tensor.
     """
+    return_large_buffers_to_the_system()
     with open(file, "rb") as handle:
         size = file.stat().st_size
         (header_len,) = struct.unpack("<Q", handle.read(8))
@@ -137,6 +151,13 @@ def read_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
             raise GPT2EngineError(f"{file}: not a readable weight file ({reason})") from None
 
 
+def all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN or inf, checked a million values at a time: torch.isfinite on a whole embedding
+    would make three temporaries of its size, a third of the model's memory at its peak."""
+    flat = tensor.reshape(-1)
+    return all(bool(torch.isfinite(part).all()) for part in flat.split(2**20))
+
+
 def convert_checkpoint(
     tensors: Iterator[tuple[str, torch.Tensor]], model: GPT2, dtype: torch.dtype,
     device: torch.device | str, weight_format: str | None = None,
@@ -169,7 +190,7 @@ def convert_checkpoint(
             problems.append(f"{key} has dtype {str(tensor.dtype).removeprefix('torch.')}; weights "
                             "must be floating point")
             continue
-        if not torch.isfinite(tensor).all():
+        if not all_finite(tensor):
             problems.append(f"{key} holds NaN or infinite values")
             continue
         if name == TIED_HEAD and tied:
