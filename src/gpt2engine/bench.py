@@ -296,7 +296,7 @@ def combine(rounds: list[list[dict]]) -> list[dict]:
         row = dict(at_batch[0])
         for key, digits in (("decode_tok_s", 2), ("prefill_tok_s", 1), ("ttft_ms", 1), ("load_s", 2),
                             ("peak_rss_mb", 0)):
-            row[key] = round(statistics.median(r[key] for r in at_batch), digits)
+            row[key] = round(statistics.median(r[key] for r in at_batch), digits or None)
         row["spread"] = round(max((max(v) - min(v)) / statistics.median(v) for v in (
             [r["decode_tok_s"] for r in at_batch], [r["prefill_tok_s"] for r in at_batch])), 3)
         combined.append(row)

@@ -142,7 +142,7 @@ def serve_on_ray(spec: ReplicaSpec, scaling: Scaling, host: str, port: int, addr
             ray.init(address=address, namespace=APP, log_to_driver=False)
         else:
             ray.init(_node_ip_address="127.0.0.1", namespace=APP, log_to_driver=False)
-    except (ConnectionError, RuntimeError, ValueError) as error:
+    except Exception as error:  # Ray raises many kinds: unreachable, refused, unauthenticated
         raise GPT2EngineError(f"cannot start or reach Ray at {address or 'localhost'} "
                               f"({str(error).splitlines()[0]})") from None
     stop = threading.Event()
