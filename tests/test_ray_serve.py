@@ -74,7 +74,7 @@ def test_autoscaling_from_one_to_two_replicas_under_load_and_back(tiny_checkpoin
 
 @pytest.fixture(scope="module")
 def ray(tiny_checkpoint):
-    running = Server(tiny_checkpoint, *RAY, "--replicas", "2", ready_within=240)
+    running = Server(tiny_checkpoint, *RAY, "--replicas", "2", "--max-queue", "4", ready_within=240)
     yield running
     code, err = running.stop()
     assert code == 0 and "Traceback" not in err, err
@@ -95,12 +95,48 @@ def test_the_openai_client_gets_what_the_plain_server_gives(ray, server):  # noq
 def test_requests_spread_over_the_replicas_and_health_waits_for_all(ray):
     assert httpx.get(f"{ray.url}/health", timeout=30).status_code == 200
     served: list[str] = []
-    threads = [threading.Thread(target=lambda: served.append(replica_of(ray))) for _ in range(12)]
+    threads = [threading.Thread(target=lambda: served.append(replica_of(ray))) for _ in range(10)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(timeout=120)
-    assert len(served) == 12 and len(set(served)) == 2, served
+    assert len(served) == 10 and len(set(served)) == 2, served
+
+
+def test_past_the_rows_and_the_queue_requests_get_503_with_retry_after(ray):
+    # 2 replicas x 4 rows + a queue of 4 = 12 requests at once; 40 long ones overflow it
+    statuses: list[httpx.Response] = []
+    body = {"prompt": "Hello", "max_tokens": 120, "ignore_eos": True}
+    threads = [threading.Thread(target=lambda: statuses.append(ray.post("/v1/completions", body)))
+               for _ in range(40)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    refused = [r for r in statuses if r.status_code == 503]
+    assert len(statuses) == 40 and refused and all(r.headers.get("retry-after") for r in refused)
+    assert sum(r.status_code == 200 for r in statuses) >= 12
+
+
+def aborted_on_each_replica(ray: Server) -> dict[str, float]:
+    """Each replica keeps its own counters: ask until both have answered /metrics."""
+    seen: dict[str, float] = {}
+    for _ in range(50):
+        response = httpx.get(f"{ray.url}/metrics", timeout=30)
+        [value] = [line.split()[-1] for line in response.text.splitlines()
+                   if line.startswith("gpt2engine_requests_aborted_total ")]
+        seen[response.headers[HEADER]] = float(value)
+        if len(seen) == 2:
+            return seen
+    raise AssertionError(f"only {sorted(seen)} answered /metrics")
+
+
+def test_a_client_that_disconnects_cancels_its_request_on_the_replica(ray):
+    before = sum(aborted_on_each_replica(ray).values())
+    body = {"prompt": "Hello", "max_tokens": 120, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{ray.url}/v1/completions", json=body, timeout=60) as response:
+        next(response.iter_lines())  # the first event: it is running; then hang up
+    wait_for(lambda: sum(aborted_on_each_replica(ray).values()) > before, 60, "the abort on the replica")
 
 
 def test_a_killed_replica_is_replaced_and_requests_keep_succeeding(ray):

@@ -1,13 +1,15 @@
-"""Linear layers on the CPU with kernels of our own (linear.c), torch as the fallback.
+"""Kernels of our own for the CPU, torch as the fallback: the linear layers (linear.c) and a decode
+step's attention (attention.c).
 
 torch's float32 kernels stream the weights at about half the memory bandwidth when a decode
 step multiplies them by a few rows, and have none for float32 activations against bfloat16 or
 int8 weights (formats.py). linear.c reads each weight once per step at close to the bandwidth,
 in any of the three formats, and computes every row the same way whatever the batch (batch
-invariance). It is compiled on first use with the machine's C compiler (`-O3 -march=native
--fopenmp`) into a cache keyed by the sources, the compiler and the CPU's feature flags, so a
-build for one CPU is never loaded on another. No compiler, a failed build, `GPT2ENGINE_KERNELS=0`:
-torch's F.linear (over the decoded weights for the smaller formats: correct, not fast).
+invariance); longer products go to torch's GEMMs (`gemm`). The sources are compiled on first use
+with the machine's C compiler (`-O3 -march=native -fopenmp`) into a cache keyed by the sources, the
+compiler and the CPU's feature flags, so a build for one CPU is never loaded on another. No
+compiler, a failed build, `GPT2ENGINE_KERNELS=0`: torch's F.linear (over the decoded weights for
+the smaller formats: correct, not fast) and scaled_dot_product_attention.
 """
 
 from __future__ import annotations
