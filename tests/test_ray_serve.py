@@ -4,6 +4,7 @@ wait is bounded in time."""
 
 import os
 import signal
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from test_server import NAME, Server, server  # noqa: F401 (server: the plain server, compared with)
+from test_server import GPT2_COMMAND, NAME, Server, server  # noqa: F401 (server: the plain server, compared with)
 
 RAY = ("--ray", "--cpus-per-replica", "1", "--max-batch", "4")
 HEADER = "x-gpt2engine-replica"
@@ -149,3 +150,14 @@ def test_a_killed_replica_is_replaced_and_requests_keep_succeeding(ray):
     wait_for(lambda: victim not in replica_pids() and len(replica_pids()) == 2
              and httpx.get(f"{ray.url}/health", timeout=30).status_code == 200, 180, "a replacement replica")
     wait_for(lambda: replica_of(ray) not in before, 60, "the replacement to serve a request")
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--replicas", "2", "--max-replicas", "3"], "--replicas is a fixed count"),
+    (["--min-replicas", "3", "--max-replicas", "2"], "--max-replicas 2 is below --min-replicas 3"),
+    (["--cpus-per-replica", "0"], "argument --cpus-per-replica: must be a positive integer"),
+])
+def test_conflicting_scaling_flags_are_one_line_and_exit_2(tiny_checkpoint, flags, message):
+    done = subprocess.run([GPT2_COMMAND, "serve", "--ray", "--model", str(tiny_checkpoint), *flags],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and message in done.stderr and len(done.stderr.splitlines()) == 1

@@ -221,12 +221,6 @@ def run_serve_on_ray(args: argparse.Namespace, settings) -> int:
     from gpt2engine.hub import resolve_checkpoint
     from gpt2engine.server.ray_serve import ReplicaSpec, Scaling, serve_on_ray
 
-    if args.replicas is not None and args.max_replicas is not None:
-        raise GPT2EngineError("--replicas is a fixed count; --min-replicas/--max-replicas autoscale: "
-                              "give one or the other")
-    if args.max_replicas is not None and args.max_replicas < args.min_replicas:
-        raise GPT2EngineError(f"--max-replicas {args.max_replicas} is below --min-replicas "
-                              f"{args.min_replicas}")
     resolve_checkpoint(args.model, args.revision)  # a missing checkpoint fails here, not in every replica
     scaling = (Scaling(replicas=args.replicas or 1) if args.max_replicas is None else
                Scaling(None, args.min_replicas, args.max_replicas, args.upscale_delay, args.downscale_delay))
@@ -526,6 +520,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
         return argparse.Namespace(run=run_harness, harness_args=argv[2:])
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "replicas", None) is not None and args.max_replicas is not None:
+        parser.error("--replicas is a fixed count; --min-replicas/--max-replicas autoscale: give one or "
+                     "the other")
+    if getattr(args, "max_replicas", None) is not None and args.max_replicas < args.min_replicas:
+        parser.error(f"--max-replicas {args.max_replicas} is below --min-replicas {args.min_replicas}")
     if hasattr(args, "temperature"):
         try:
             args.options = generation_options(args)  # imports torch
