@@ -8,8 +8,7 @@ from conftest import TEMPEST
 from gpt2engine import GPT2, GenerationOptions, SamplingParams, Tokenizer, complete
 from gpt2engine.errors import GPT2EngineError
 from gpt2engine.evaluation import perplexity
-from gpt2engine.formats import decode, encode
-from gpt2engine.model import Embedding, Linear
+from gpt2engine.formats import decode, encode, formatted_modules
 from gpt2engine.runtime import pick_dtype
 
 # The accuracy a format promises against float32, asserted below on the trained model.
@@ -46,8 +45,7 @@ def test_a_format_keeps_one_small_copy_of_each_weight(tiny_checkpoint, mode):
     assert model.wpe.weight.dtype == model.ln_f.weight.dtype == model.dtype == torch.float32
     stored = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
               for t in model.state_dict().values()}
-    formatted = [m.weight for m in model.modules()
-                 if isinstance(m, Linear | Embedding) and m is not model.lm_head]  # the head is wte
+    formatted = [m.weight for _, m in formatted_modules(model) if m is not model.lm_head]  # head = wte
     small = sum(w.numel() for w in formatted)
     scales = sum(w.shape[0] for w in formatted) if mode == "int8" else 0
     width = {"bfloat16": 2, "int8": 1}[mode]

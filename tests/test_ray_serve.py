@@ -6,13 +6,12 @@ import os
 import signal
 import subprocess
 import threading
-import time
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
-from test_server import GPT2_COMMAND, NAME, Server, server  # noqa: F401 (server: the plain server, compared with)
+from test_server import GPT2_COMMAND, NAME, Server, server, wait_until  # noqa: F401 (server: the plain server, compared with)
 
 RAY = ("--ray", "--cpus-per-replica", "1", "--max-batch", "4")
 HEADER = "x-gpt2engine-replica"
@@ -31,10 +30,7 @@ def replica_pids() -> list[int]:
 
 
 def wait_for(condition, seconds: float, what: str) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, f"gave up waiting for {what}"
-        time.sleep(0.5)
+    wait_until(condition, seconds, what, poll=0.5)  # each check asks Ray or scans /proc
 
 
 def replica_of(ray: Server) -> str:

@@ -257,11 +257,11 @@ def test_other_routes(server, engine):
         assert name in metrics
 
 
-def wait_until(condition, seconds=30.0) -> None:
+def wait_until(condition, seconds=30.0, what="the condition", poll=0.05) -> None:
     deadline = time.monotonic() + seconds
     while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.05)
+        assert time.monotonic() < deadline, f"gave up waiting for {what}"
+        time.sleep(poll)
 
 
 class OpenStream:

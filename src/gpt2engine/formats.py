@@ -12,6 +12,8 @@ the weights themselves:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
@@ -46,33 +48,31 @@ def decode(
     return wide if scale is None else wide * scale.to(dtype)[:, None]
 
 
-def formatted_weights(model: nn.Module) -> list[str]:
-    """Names of the weights a format applies to: every linear layer's and the token embedding."""
+def formatted_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """(name, module) of what a format applies to: every linear layer and the token embedding."""
     from gpt2engine.model import Embedding, Linear
 
-    return [f"{name}.weight" for name, module in model.named_modules()
-            if isinstance(module, Linear | Embedding)]
+    return ((name, m) for name, m in model.named_modules() if isinstance(m, Linear | Embedding))
+
+
+def formatted_weights(model: nn.Module) -> list[str]:
+    """Names of the weights a format applies to."""
+    return [f"{name}.weight" for name, _ in formatted_modules(model)]
 
 
 def prepare(model: nn.Module, fmt: str) -> None:
     """Give a model built on the meta device the storage dtypes (and scale buffers) of `fmt`, so
     that a state dict of encoded weights loads into it with assign=True."""
-    from gpt2engine.model import Embedding, Linear
-
-    for module in model.modules():
-        if isinstance(module, Linear | Embedding):
-            rows = module.weight.shape[0]
-            module.weight = nn.Parameter(torch.empty_like(module.weight, dtype=STORAGE[fmt]),
-                                         requires_grad=False)
-            module.scale = torch.empty(rows, device=module.weight.device) if fmt == "int8" else None
+    for _, module in formatted_modules(model):
+        rows = module.weight.shape[0]
+        module.weight = nn.Parameter(torch.empty_like(module.weight, dtype=STORAGE[fmt]), requires_grad=False)
+        module.scale = torch.empty(rows, device=module.weight.device) if fmt == "int8" else None
 
 
 def dense_state_dict(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The model's state dict with every weight decoded to `dtype` and no scales: what exports write."""
-    from gpt2engine.model import Embedding, Linear
-
     state = {name: t for name, t in model.state_dict().items() if not name.endswith(".scale")}
-    for name, module in model.named_modules():
-        if isinstance(module, Linear | Embedding) and module.weight.dtype != dtype:
+    for name, module in formatted_modules(model):
+        if module.weight.dtype != dtype:
             state[f"{name}.weight"] = decode(module.weight, module.scale, dtype)
     return state

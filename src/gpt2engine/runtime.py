@@ -73,8 +73,8 @@ def load_pretrained(
     import time
 
     from gpt2engine.hub import resolve_checkpoint
-    from gpt2engine.model import GPT2
     from gpt2engine.tokenizer import Tokenizer
+    from gpt2engine.weights import load_model
 
     say = say or (lambda message: None)
     target = pick_device(device)
@@ -85,7 +85,7 @@ def load_pretrained(
     where = str(folder) if str(folder) == str(name_or_path) else f"{name_or_path} ({folder})"
     say(f"Loading weights from {where} on {target}, {mode}...")
     tokenizer = Tokenizer.from_pretrained(folder)  # a broken tokenizer fails before the weights load
-    model = GPT2.from_pretrained(folder, dtype=mode, device=target)
+    model = load_model(folder, dtype=compute, device=target, weight_format=weight_format)
     check_vocabularies(model, tokenizer)
     say(f"Weights loaded successfully ({model.config.parameter_count() / 1e6:.0f}M parameters, "
         f"{time.perf_counter() - started:.1f} s).")
