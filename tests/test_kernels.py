@@ -1,5 +1,5 @@
-"""Our kernels against torch: the linear layers in every weight format, the decode attention, their
-batch invariance, and the torch fallback."""
+"""Our linear kernel against torch in every weight format, its batch invariance, and the torch
+fallback (the fused decode step: test_step.py)."""
 
 import os
 import subprocess
@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from gpt2engine.formats import decode, encode
-from gpt2engine.kernels import MAX_ROWS, compiled, decode_attention, int8_activations, linear, native_bf16
+from gpt2engine.kernels import MAX_ROWS, compiled, int8_activations, linear, native_bf16
 
 
 def test_the_kernel_builds_here():
@@ -99,27 +99,6 @@ def test_every_format_is_bit_identical_alone_and_in_any_batch(fmt):
     for rows in (1, 2, 5, 16):
         assert torch.equal(linear(batch[:rows], w[0], b, w[1]), together[:rows])
     assert torch.equal(linear(batch[9:10], w[0], b, w[1]), together[9:10])
-
-
-@torch.inference_mode()
-def test_decode_attention_matches_masked_sdpa_and_writes_the_cache():
-    torch.manual_seed(2)
-    B, H, S, D = 3, 4, 40, 16
-    k_cache, v_cache = torch.randn(B, H, S, D), torch.randn(B, H, S, D)
-    qkv = torch.randn(B, 1, 3 * H * D)
-    positions = torch.tensor([[0], [17], [39]])
-    expected_k, expected_v = k_cache.clone(), v_cache.clone()
-    q, k, v = (t.view(B, 1, H, D).transpose(1, 2) for t in qkv.split(H * D, dim=2))
-    for row, pos in enumerate(positions[:, 0].tolist()):
-        expected_k[row, :, pos], expected_v[row, :, pos] = k[row, :, 0], v[row, :, 0]
-    mask = (torch.arange(S) <= positions[..., None])[:, None]
-    expected = F.scaled_dot_product_attention(q, expected_k, expected_v, attn_mask=mask, scale=0.3)
-    ours = decode_attention(qkv, k_cache, v_cache, positions, H, 0.3)
-    assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
-    assert (ours - expected.transpose(1, 2).reshape(B, 1, H * D)).abs().max() <= 1e-5
-    alone = decode_attention(qkv[1:2].clone(), k_cache[1:2].clone(), v_cache[1:2].clone(),
-                             positions[1:2], H, 0.3)
-    assert torch.equal(alone, ours[1:2])  # a row attends only to its own slots: batch-invariant
 
 
 def test_formats_without_the_kernels_still_compute_through_torch():

@@ -17,7 +17,7 @@ from torch import nn
 
 from gpt2engine.config import ACTIVATIONS, GPT2Config
 from gpt2engine.errors import GPT2EngineError
-from gpt2engine.kernels import decode_attention, linear
+from gpt2engine.kernels import linear
 
 
 class KVCache:
@@ -104,11 +104,7 @@ class CausalSelfAttention(nn.Module):
     ) -> torch.Tensor:
         # x: (B, T, C), positions: (B, T), mask: (B, 1, T, L) or None for plain causal -> (B, T, C)
         B, T, C = x.shape
-        qkv = self.c_attn(x)
-        if cache is not None and (y := decode_attention(qkv, cache.k, cache.v, positions, self.n_head,
-                                                          self.scale)) is not None:
-            return self.c_proj(y)  # a decode step on the CPU: one fused kernel (kernels/)
-        q, k, v = qkv.split(C, dim=2)
+        q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         if cache is not None:
             k, v = cache.update(positions, k, v, mask.shape[-1])  # (B, nh, L, hs)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from gpt2engine.engine.request import Request, TokenLogprob
+from gpt2engine.kernels.step import DecodeStep
 from gpt2engine.model import GPT2
 from gpt2engine.sampling import RowSettings, as_int64, draw, process_rows
 
@@ -28,6 +29,7 @@ class Runner:
     def __init__(self, model: GPT2, max_batch: int, max_len: int, vocab_limit: int) -> None:
         self.model, self.max_len = model, max_len
         self.cache = model.make_cache(max_batch, max_len)
+        self.fused_step = DecodeStep.build(model, self.cache)  # None: torch's path (model.forward)
         # Padded vocabularies (a model with more rows than the tokenizer has tokens) never
         # produce an id the tokenizer lacks.
         self.vocab_limit = min(vocab_limit, model.config.vocab_size)
@@ -84,12 +86,15 @@ class Runner:
         positions = [self.max_len - 1] * hi  # rows not decoding write the never-read last slot
         for r in requests:
             tokens[r.row], positions[r.row] = r.output_ids[-1], r.position
-        device = self.model.device
-        view = [layer.rows(0, hi) for layer in self.cache]
-        length = max(r.position for r in requests) + 1
-        logits = self.model(torch.tensor(tokens, device=device)[:, None],
-                            torch.tensor(positions, device=device)[:, None], view, length)
-        return logits[[r.row for r in requests], -1]  # (n, V)
+        if self.fused_step is not None:  # the whole step in one call of our kernels
+            logits = self.fused_step(tokens, positions)  # (hi, V)
+        else:
+            device = self.model.device
+            view = [layer.rows(0, hi) for layer in self.cache]
+            length = max(r.position for r in requests) + 1
+            logits = self.model(torch.tensor(tokens, device=device)[:, None],
+                                torch.tensor(positions, device=device)[:, None], view, length)[:, -1]
+        return logits[[r.row for r in requests]]  # (n, V)
 
     def known_tokens(self, logits: torch.Tensor) -> torch.Tensor:
         # (n, V) -> (n, V) float32, -inf past the tokens the tokenizer knows

@@ -1,5 +1,5 @@
-"""Kernels of our own for the CPU, torch as the fallback: the linear layers (linear.c) and a decode
-step's attention (attention.c).
+"""Kernels of our own for the CPU, torch as the fallback: the linear layers (linear.c), and a whole
+decode step in one call (step.c, with attention.c; its Python side is step.py).
 
 torch's float32 kernels stream the weights at about half the memory bandwidth when a decode
 step multiplies them by a few rows, and have none for float32 activations against bfloat16 or
@@ -31,13 +31,12 @@ import torch.nn.functional as F
 from gpt2engine.formats import decode
 
 HERE = Path(__file__).parent
-SOURCES = (HERE / "linear.c", HERE / "attention.c")  # compiled together into one library
-HEADERS = (HERE / "linear_body.h", HERE / "linear_vnni.h")
+SOURCES = (HERE / "linear.c", HERE / "attention.c", HERE / "step.c")  # compiled into one library
+HEADERS = (HERE / "kernels.h", HERE / "linear_body.h", HERE / "linear_vnni.h")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 MAX_ROWS = 128  # beyond this (long prefill chunks, evaluation windows) a GEMM is the faster one
 MAX_ATTENTION_SLOTS = 8192  # attention.c keeps a row's scores on the stack
-KERNELS = {torch.float32: "gpt2engine_linear_f32", torch.bfloat16: "gpt2engine_linear_bf16",
-           torch.int8: "gpt2engine_linear_i8"}
+FORMAT_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}  # kernels.h, by storage dtype
 
 
 def cpu_flags() -> str:
@@ -57,8 +56,8 @@ def cache_dir() -> Path:
 
 @dataclass(frozen=True)
 class Kernels:
-    linear: dict[torch.dtype, ctypes._CFuncPtr]  # by weight dtype
-    decode_attention: ctypes._CFuncPtr
+    linear: ctypes._CFuncPtr
+    decode_step: ctypes._CFuncPtr  # its argument types are set by step.py, which owns its structs
     int8_activations: bool  # int8 weights meet int8 activations (AVX-512 VNNI), else float32 ones
 
 
@@ -83,15 +82,11 @@ def compiled() -> Kernels | None:
         shared = ctypes.CDLL(str(library))
     except (OSError, subprocess.SubprocessError):
         return None
-    linears = {}
-    for dtype, name in KERNELS.items():
-        linears[dtype] = function = getattr(shared, name)
-        function.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 4
-        function.restype = None
-    attention = shared.gpt2engine_decode_attention
-    attention.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 4 + [ctypes.c_float, ctypes.c_int]
-    attention.restype = None
-    return Kernels(linears, attention, bool(shared.gpt2engine_int8_activations()))
+    pointer, number = ctypes.c_void_p, ctypes.c_int
+    shared.gpt2engine_linear.argtypes = [pointer, pointer, number, *[pointer] * 3, *[number] * 4]
+    shared.gpt2engine_linear.restype = None
+    return Kernels(shared.gpt2engine_linear, shared.gpt2engine_decode_step,
+                   bool(shared.gpt2engine_int8_activations()))
 
 
 @functools.cache
@@ -138,32 +133,10 @@ def linear(
         return F.linear(x, decode(weight, scale, x.dtype), bias)
     x2 = x.reshape(rows, x.shape[-1]).contiguous()
     kernels = compiled()
-    kernel = kernels.linear.get(weight.dtype) if kernels and rows <= MAX_ROWS else None
-    if kernel is None:
+    if kernels is None or rows > MAX_ROWS or weight.dtype not in FORMAT_CODES:
         return gemm(x2, weight, bias, scale).reshape(*x.shape[:-1], weight.shape[0])
     out = torch.empty(rows, weight.shape[0], dtype=torch.float32)
-    kernel(x2.data_ptr(), weight.data_ptr(), None if scale is None else scale.data_ptr(),
-           None if bias is None else bias.data_ptr(), out.data_ptr(),
-           rows, x.shape[-1], weight.shape[0], torch.get_num_threads())
+    kernels.linear(x2.data_ptr(), weight.data_ptr(), FORMAT_CODES[weight.dtype],
+                   None if scale is None else scale.data_ptr(), None if bias is None else bias.data_ptr(),
+                   out.data_ptr(), rows, x.shape[-1], weight.shape[0], torch.get_num_threads())
     return out.reshape(*x.shape[:-1], weight.shape[0])
-
-
-def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                     positions: torch.Tensor, n_head: int, scale: float) -> torch.Tensor | None:
-    """One decode step's attention (attention.c): writes each row's new key and value at its
-    position in the cache, attends over that row's slots 0..position; None where the kernel
-    does not apply (then the caller takes torch's path)."""
-    # qkv: (B, 1, 3C), k_cache, v_cache: (B, nh, S, hs), positions: (B, 1) -> (B, 1, C)
-    B, T, three_c = qkv.shape
-    kernels = compiled()
-    if (kernels is None or T != 1 or qkv.device.type != "cpu" or qkv.dtype != torch.float32
-            or k_cache.dtype != torch.float32 or positions.dtype != torch.int64
-            or k_cache.shape[2] > MAX_ATTENTION_SLOTS
-            or not (qkv.is_contiguous() and k_cache.is_contiguous() and v_cache.is_contiguous())):
-        return None
-    out = torch.empty(B, 1, three_c // 3)
-    positions = positions.contiguous()
-    kernels.decode_attention(qkv.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), positions.data_ptr(),
-                             out.data_ptr(), B, n_head, k_cache.shape[2], k_cache.shape[3], scale,
-                             torch.get_num_threads())
-    return out

@@ -15,7 +15,10 @@
 #include <omp.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
+
+#include "kernels.h"
 
 #define TILE 32  /* rows of x per pass over the weights */
 #define AHEAD 8  /* weight rows ahead of the block in use to prefetch (2 blocks) */
@@ -82,6 +85,16 @@ static inline float reduce(vec v) {
     return s;
 }
 
+/* Where a product's value v goes (kernels.h): y = v, y += v (a residual), y = gelu(v). */
+static inline void emit(float *y, float v, int epilogue) {
+    switch (epilogue) {
+    case ADD: *y += v; break;
+    case GELU_TANH: *y = v / (1.0f + expf(-1.5957691216f * (v + 0.044715f * v * v * v))); break;
+    case GELU_ERF: *y = 0.5f * v * (1.0f + erff(v * 0.70710678118f)); break;
+    default: *y = v;
+    }
+}
+
 /* One copy of the routines per weight type: W_T is the element, WIDEN loads VL of them, LOAD one. */
 #define W_T float
 #define WIDEN widen_f32
@@ -104,6 +117,35 @@ static inline float reduce(vec v) {
 #define NAME(f) f##_i8
 #include "linear_body.h"
 
-/* Whether int8 weights meet int8 activations (linear_vnni.h) or float32 ones (here). */
 int gpt2engine_int8_activations(void) { return 0; }
+
+static void part_i8(const Weight *w, const float *x, float *y, int M, int epilogue, Quantized *room,
+                    int first, int last) {
+    (void)room;
+    blocks_i8(x, w->data, w->scale, w->bias, y, M, w->in, w->out, first, last, epilogue);
+}
 #endif
+
+void gpt2engine_linear_part(const Weight *w, const float *x, float *y, int M, int epilogue, Quantized *room) {
+    int blocks = (w->out + 3) / 4, t = omp_get_thread_num(), nt = omp_get_num_threads();
+    int first = (int)((long)blocks * t / nt), last = (int)((long)blocks * (t + 1) / nt);
+    switch (w->format) {
+    case FORMAT_F32: blocks_f32(x, w->data, w->scale, w->bias, y, M, w->in, w->out, first, last, epilogue); break;
+    case FORMAT_BF16: blocks_bf16(x, w->data, w->scale, w->bias, y, M, w->in, w->out, first, last, epilogue); break;
+    default: part_i8(w, x, y, M, epilogue, room, first, last);
+    }
+}
+
+/* x: (M, in) -> y: (M, out) = x W^T + b, W in `format`, on `threads` threads. */
+void gpt2engine_linear(const float *x, const void *W, int format, const float *scale, const float *b,
+                       float *y, int M, int in, int out, int threads) {
+    Weight w = {W, scale, b, format, in, out};
+    Quantized room = {malloc((size_t)M * in), malloc((size_t)M * sizeof(float)), malloc((size_t)M * sizeof(int32_t))};
+    if (room.q && room.scale && room.sum) {
+        #pragma omp parallel num_threads(threads)
+        gpt2engine_linear_part(&w, x, y, M, STORE, &room);
+    } else {  /* a few KB: not expected; report NaN rather than crash */
+        for (size_t k = 0; k < (size_t)M * out; k++) y[k] = NAN;
+    }
+    free(room.q), free(room.scale), free(room.sum);
+}

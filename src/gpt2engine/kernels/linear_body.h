@@ -37,34 +37,30 @@ static inline float NAME(dot)(const float *x, const W_T *w, int n) {
 }
 
 /* x: (M, in), W: (out, in) row-major, scale: (out,) or NULL (y[.., o] = scale[o] * (x . W[o])),
- * b: (out,) or NULL, y: (M, out). Each thread owns a contiguous share of the weight blocks. */
-void NAME(gpt2engine_linear)(const float *x, const W_T *W, const float *scale, const float *b,
-                             float *y, int M, int in, int out, int threads) {
-    #pragma omp parallel num_threads(threads)
-    {
-        int blocks = (out + 3) / 4, t = omp_get_thread_num(), nt = omp_get_num_threads();
-        int first = (int)((long)blocks * t / nt), last = (int)((long)blocks * (t + 1) / nt);
-        for (int tile = 0; tile < M; tile += TILE) {
-            int tile_end = M - tile < TILE ? M : tile + TILE;
-            for (int blk = first; blk < last; blk++) {
-                int o = 4 * blk, n = out - o < 4 ? out - o : 4;
-                const W_T *w = W + (size_t)o * in;
-                for (int m = tile; m < tile_end;) {
-                    int R = (n == 4 && tile_end - m >= 4) ? 4 : 1;
-                    float s[4][4];
-                    if (n == 4) {
-                        int ahead = m == 0 && blk + AHEAD / 4 + 1 <= last;  /* once per weight block */
-                        if (R == 4) NAME(block)(x + (size_t)m * in, in, 4, w, in, in, s, ahead);
-                        else NAME(block)(x + (size_t)m * in, in, 1, w, in, in, s, ahead);
-                    } else {
-                        for (int c = 0; c < n; c++) s[0][c] = NAME(dot)(x + (size_t)m * in, w + (size_t)c * in, in);
-                    }
-                    for (int r = 0; r < R; r++)
-                        for (int c = 0; c < n; c++)
-                            y[(size_t)(m + r) * out + o + c] =
-                                (scale ? scale[o + c] * s[r][c] : s[r][c]) + (b ? b[o + c] : 0.0f);
-                    m += R;
+ * b: (out,) or NULL, y: (M, out), through `epilogue`; the weight blocks [first, last) of 4 rows,
+ * one thread's share. */
+static void NAME(blocks)(const float *x, const W_T *W, const float *scale, const float *b, float *y,
+                         int M, int in, int out, int first, int last, int epilogue) {
+    for (int tile = 0; tile < M; tile += TILE) {
+        int tile_end = M - tile < TILE ? M : tile + TILE;
+        for (int blk = first; blk < last; blk++) {
+            int o = 4 * blk, n = out - o < 4 ? out - o : 4;
+            const W_T *w = W + (size_t)o * in;
+            for (int m = tile; m < tile_end;) {
+                int R = (n == 4 && tile_end - m >= 4) ? 4 : 1;
+                float s[4][4];
+                if (n == 4) {
+                    int ahead = m == 0 && blk + AHEAD / 4 + 1 <= last;  /* once per weight block */
+                    if (R == 4) NAME(block)(x + (size_t)m * in, in, 4, w, in, in, s, ahead);
+                    else NAME(block)(x + (size_t)m * in, in, 1, w, in, in, s, ahead);
+                } else {
+                    for (int c = 0; c < n; c++) s[0][c] = NAME(dot)(x + (size_t)m * in, w + (size_t)c * in, in);
                 }
+                for (int r = 0; r < R; r++)
+                    for (int c = 0; c < n; c++)
+                        emit(y + (size_t)(m + r) * out + o + c,
+                             (scale ? scale[o + c] * s[r][c] : s[r][c]) + (b ? b[o + c] : 0.0f), epilogue);
+                m += R;
             }
         }
     }

@@ -9,7 +9,6 @@
  * integers from torch._int_mm.
  */
 #include <immintrin.h>
-#include <stdlib.h>
 
 #define BYTES 64
 
@@ -65,47 +64,43 @@ static inline int32_t dot_exact(const int8_t *x, const int8_t *w, int n) {
     return s;
 }
 
-void gpt2engine_linear_i8(const float *x, const int8_t *W, const float *scale, const float *b,
-                          float *y, int M, int in, int out, int threads) {
+/* The weight blocks [first, last) of 4 rows against x quantized (xq, xs, xsum), through `epilogue`. */
+static void blocks_vnni(const int8_t *xq, const float *xs, const int32_t *xsum, const int8_t *W,
+                        const float *scale, const float *b, float *y, int M, int in, int out,
+                        int first, int last, int epilogue) {
     int n_vec = in - in % BYTES;
-    int8_t *xq = malloc((size_t)M * in);
-    float *xs = malloc((size_t)M * sizeof(float));
-    int32_t *xsum = malloc((size_t)M * sizeof(int32_t));
-    if (!xq || !xs || !xsum) {  /* a few KB: not expected; report NaN rather than crash */
-        for (size_t k = 0; k < (size_t)M * out; k++) y[k] = NAN;
-        free(xq), free(xs), free(xsum);
-        return;
-    }
-    quantize_rows(x, M, in, n_vec, xq, xs, xsum);
-    #pragma omp parallel num_threads(threads)
-    {
-        int blocks = (out + 3) / 4, t = omp_get_thread_num(), nt = omp_get_num_threads();
-        int first = (int)((long)blocks * t / nt), last = (int)((long)blocks * (t + 1) / nt);
-        for (int tile = 0; tile < M; tile += TILE) {
-            int tile_end = M - tile < TILE ? M : tile + TILE;
-            for (int blk = first; blk < last; blk++) {
-                int o = 4 * blk, n = out - o < 4 ? out - o : 4;
-                const int8_t *w = W + (size_t)o * in;
-                for (int m = tile; m < tile_end;) {
-                    int R = (n == 4 && tile_end - m >= 4) ? 4 : 1;
-                    int32_t s[4][4];
-                    const int8_t *xm = xq + (size_t)m * in;
-                    if (n == 4) {
-                        int ahead = m == 0 && blk + AHEAD / 4 + 1 <= last;
-                        block_vnni(xm, in, R, w, in, in, n_vec, xsum + m, s, ahead);
-                    } else {
-                        for (int c = 0; c < n; c++) s[0][c] = dot_exact(xm, w + (size_t)c * in, in);
-                    }
-                    for (int r = 0; r < R; r++)
-                        for (int c = 0; c < n; c++)
-                            y[(size_t)(m + r) * out + o + c] =
-                                (float)s[r][c] * xs[m + r] * scale[o + c] + (b ? b[o + c] : 0.0f);
-                    m += R;
+    for (int tile = 0; tile < M; tile += TILE) {
+        int tile_end = M - tile < TILE ? M : tile + TILE;
+        for (int blk = first; blk < last; blk++) {
+            int o = 4 * blk, n = out - o < 4 ? out - o : 4;
+            const int8_t *w = W + (size_t)o * in;
+            for (int m = tile; m < tile_end;) {
+                int R = (n == 4 && tile_end - m >= 4) ? 4 : 1;
+                int32_t s[4][4];
+                const int8_t *xm = xq + (size_t)m * in;
+                if (n == 4) {
+                    int ahead = m == 0 && blk + AHEAD / 4 + 1 <= last;
+                    block_vnni(xm, in, R, w, in, in, n_vec, xsum + m, s, ahead);
+                } else {
+                    for (int c = 0; c < n; c++) s[0][c] = dot_exact(xm, w + (size_t)c * in, in);
                 }
+                for (int r = 0; r < R; r++)
+                    for (int c = 0; c < n; c++)
+                        emit(y + (size_t)(m + r) * out + o + c,
+                             (float)s[r][c] * xs[m + r] * scale[o + c] + (b ? b[o + c] : 0.0f), epilogue);
+                m += R;
             }
         }
     }
-    free(xq), free(xs), free(xsum);
+}
+
+/* x is quantized once, by one thread, into the shared room; then each thread takes its share. */
+static void part_i8(const Weight *w, const float *x, float *y, int M, int epilogue, Quantized *room,
+                    int first, int last) {
+    #pragma omp single
+    quantize_rows(x, M, w->in, w->in - w->in % BYTES, room->q, room->scale, room->sum);
+    blocks_vnni(room->q, room->scale, room->sum, w->data, w->scale, w->bias, y, M, w->in, w->out,
+                first, last, epilogue);
 }
 
 int gpt2engine_int8_activations(void) { return 1; }

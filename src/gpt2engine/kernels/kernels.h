@@ -1,0 +1,35 @@
+/* What the kernel sources share (gpt2engine.kernels): a weight in one of the formats, the
+ * epilogues a product can end with, and the per-thread parts the decode step (step.c) calls
+ * inside its one parallel region. */
+#ifndef GPT2ENGINE_KERNELS_H
+#define GPT2ENGINE_KERNELS_H
+#include <stdint.h>
+
+enum { FORMAT_F32 = 0, FORMAT_BF16 = 1, FORMAT_I8 = 2 };  /* formats.py's FORMATS, in order */
+enum { STORE = 0, ADD = 1, GELU_TANH = 2, GELU_ERF = 3 };  /* y = v, y += v, y = gelu(v) */
+
+/* W: (out, in) row-major in `format`; scale: (out,) or NULL (w[o] = scale[o] * W[o]); bias: (out,) or NULL. */
+typedef struct {
+    const void *data;
+    const float *scale, *bias;
+    int format, in, out;
+} Weight;
+
+/* Room for M rows of x quantized to int8 (int8 weights on AVX-512 VNNI), shared by the threads. */
+typedef struct {
+    int8_t *q;
+    float *scale;
+    int32_t *sum;
+} Quantized;
+
+/* Called by every thread of a parallel region: this thread's share of the output columns of
+ * y = epilogue(x W^T + b), x: (M, in), y: (M, out). No barrier at its end. */
+void gpt2engine_linear_part(const Weight *w, const float *x, float *y, int M, int epilogue, Quantized *room);
+
+/* Whether int8 weights meet int8 activations (then Quantized room is needed, M * in bytes). */
+int gpt2engine_int8_activations(void);
+
+/* One decode step's attention for row b, head h (attention.c). */
+void gpt2engine_attend(const float *qkv, float *k_cache, float *v_cache, int64_t position, float *out,
+                       int b, int h, int H, int S, int D, float scale);
+#endif
