@@ -111,16 +111,20 @@ def test_the_repl_survives_bad_bytes(tiny_checkpoint):
 
 
 # 3. Silent garbage
-@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
-def test_non_finite_weights_are_refused_at_load(copy_of, bad):
+@pytest.mark.parametrize(("bad", "key", "dtype"), [
+    (float("nan"), "transformer.h.0.mlp.c_fc.weight", "float32"),  # converted: transposed
+    (float("inf"), "transformer.wte.weight", "int8"),  # converted: encoded
+    (-float("inf"), "transformer.wpe.weight", "float32"),  # used as it is in the file
+])
+def test_non_finite_weights_are_refused_at_load(copy_of, bad, key, dtype):
     folder = copy_of()
     from safetensors.torch import load_file
 
     tensors = load_file(folder / "model.safetensors")
-    tensors["transformer.h.0.mlp.c_fc.weight"][3, 5] = bad
+    tensors[key][3, 5] = bad
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
-    done = gpt2("generate", "Hi", "--model", str(folder), "--quiet")
-    assert_one_line_error(done, 1, "transformer.h.0.mlp.c_fc.weight holds NaN or infinite values")
+    done = gpt2("generate", "Hi", "--model", str(folder), "--quiet", "--dtype", dtype)
+    assert_one_line_error(done, 1, f"{key} holds NaN or infinite values")
 
 
 @pytest.mark.parametrize("eps", [float("nan"), -1e-5, 0, "1e-5"])
@@ -342,7 +346,7 @@ def test_mutated_safetensors_are_read_or_refused_in_one_line(small_safetensors, 
     path = tmp_path_factory.mktemp("m") / "model.safetensors"
     path.write_bytes(bytes(data[: max(1, len(data) - cut % 64)]))
     try:
-        tensors = dict(read_tensors([path]))
+        tensors = {key: tensor for key, tensor, _ in read_tensors([path])}
     except GPT2EngineError as error:
         assert "\n" not in str(error) and "not a readable weight file" in str(error)
         return

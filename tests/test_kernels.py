@@ -1,5 +1,5 @@
-"""Our linear kernel against torch in every weight format, its batch invariance, and the torch
-fallback (the fused decode step: test_step.py)."""
+"""Our linear kernel against torch in every weight format, its batch invariance, the torch
+fallback, and the load-time conversion (the fused decode step: test_step.py)."""
 
 import os
 import subprocess
@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from gpt2engine.formats import decode, encode
-from gpt2engine.kernels import MAX_ROWS, compiled, int8_activations, linear, native_bf16
+from gpt2engine.kernels import MAX_ROWS, compiled, convert, int8_activations, linear, native_bf16
 
 
 def test_the_kernel_builds_here():
@@ -111,3 +111,19 @@ def test_formats_without_the_kernels_still_compute_through_torch():
             "with torch.inference_mode():\n"
             "    assert torch.equal(linear(x, q, None, s), F.linear(x, decode(q, s)))")
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "GPT2ENGINE_KERNELS": "0"})
+
+
+@pytest.mark.parametrize("fmt", ["float32", "bfloat16", "int8"])
+@pytest.mark.parametrize("shape", [(768, 2304), (77, 101), (13, 1), (40, 5000)])
+@pytest.mark.parametrize("transpose", [False, True])
+def test_convert_gives_the_bits_of_encode_and_finds_non_finite_values(fmt, shape, transpose):
+    torch.manual_seed(shape[0])
+    source = torch.randn(shape) * torch.logspace(-3, 1, shape[1])  # columns of very different size
+    stored, scale, finite = convert(source, fmt, transpose)
+    expected, expected_scale = encode(source.t() if transpose else source, fmt)
+    assert finite and torch.equal(stored, expected)
+    assert (scale is None and expected_scale is None) or torch.equal(scale, expected_scale)
+    for bad in (float("nan"), float("inf")):
+        broken = source.clone()
+        broken[-1, -1] = bad
+        assert not convert(broken, fmt, transpose)[2]

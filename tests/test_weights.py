@@ -116,6 +116,21 @@ def test_dtype_and_single_copy_of_weights(checkpoint):
     assert model.h[0].attn.c_attn.weight.shape == (3 * 42, 42)  # Linear layout after transpose
 
 
+@pytest.mark.parametrize("dtype", ["float32", "int8"])
+def test_the_file_is_mapped_never_written_and_what_needs_no_change_is_not_copied(checkpoint, dtype):
+    before = (checkpoint / "model.safetensors").read_bytes()
+    model = GPT2.from_pretrained(checkpoint, dtype=dtype)
+    with torch.no_grad():  # writes to the weights stay in this process (copy-on-write)
+        for tensor in model.state_dict().values():
+            tensor.zero_()
+    assert (checkpoint / "model.safetensors").read_bytes() == before
+    fresh = GPT2.from_pretrained(checkpoint)
+    assert fresh.wpe.weight.abs().sum() > 0  # a new mapping sees the file, not our writes
+    assert fresh.h[0].attn.c_attn.weight.is_contiguous()  # transposed into Linear's layout
+    storages = [p.untyped_storage().data_ptr() for p in fresh.parameters()]
+    assert len(set(storages)) == len(storages)  # views of the mapping share no storage (exports)
+
+
 def test_save_round_trip_loads_in_transformers(tmp_path, checkpoint, reference):
     import transformers
 

@@ -9,6 +9,7 @@ This file knows nothing of files, tokenizers or sampling.
 from __future__ import annotations
 
 import math
+import mmap
 from pathlib import Path
 
 import torch
@@ -18,6 +19,17 @@ from torch import nn
 from gpt2engine.config import ACTIVATIONS, GPT2Config
 from gpt2engine.errors import GPT2EngineError
 from gpt2engine.kernels import linear
+
+
+def zeros_on_demand(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """Zeros whose memory is taken only where written: on the CPU an anonymous mapping, whose pages
+    the kernel fills with zeros on first touch, so a cache sized for the whole context costs the
+    positions in use, not the context (torch.zeros writes, and so takes, every page up front)."""
+    count = math.prod(shape)
+    if torch.device(device).type != "cpu" or count == 0:
+        return torch.zeros(shape, dtype=dtype, device=device)
+    pages = mmap.mmap(-1, count * dtype.itemsize)
+    return torch.frombuffer(pages, dtype=dtype, count=count).view(shape)
 
 
 class KVCache:
@@ -38,8 +50,7 @@ class KVCache:
         dtype: torch.dtype, device: torch.device | str,
     ) -> KVCache:
         shape = (batch_size, n_head, max_len, head_dim)
-        return cls(torch.zeros(shape, dtype=dtype, device=device),
-                   torch.zeros(shape, dtype=dtype, device=device))
+        return cls(zeros_on_demand(shape, dtype, device), zeros_on_demand(shape, dtype, device))
 
     def rows(self, start: int, stop: int) -> KVCache:
         return KVCache(self.k[start:stop], self.v[start:stop])

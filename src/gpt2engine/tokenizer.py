@@ -41,12 +41,13 @@ class Tokenizer:
             raise GPT2EngineError(f"the tokenizer's vocabulary has token id {largest}; the limit is "
                                   f"{MAX_VOCAB - 1}")
         special = {token.content for token in backend.get_added_tokens_decoder().values()}
-        chars = unicode_to_byte()
+        to_bytes = {ord(ch): b for ch, b in unicode_to_byte().items()}  # str.translate tables:
+        unknown_only = dict.fromkeys(to_bytes)  # C loops, a quarter of the time of Python ones
         self.token_bytes: list[bytes] = [b""] * (largest + 1)
         for text, token_id in vocab.items():
-            byte_level = text not in special and all(ch in chars for ch in text)
+            byte_level = text not in special and not text.translate(unknown_only)
             self.token_bytes[token_id] = (
-                bytes(chars[ch] for ch in text) if byte_level else text.encode("utf-8")
+                text.translate(to_bytes).encode("latin-1") if byte_level else text.encode("utf-8")
             )
         self.eot_id: int | None = vocab.get(END_OF_TEXT)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import json
+import mmap
 import os
 import shutil
 import struct
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from gpt2engine import formats
+from gpt2engine import formats, kernels
 from gpt2engine.config import GPT2Config
 from gpt2engine.errors import GPT2EngineError
 from gpt2engine.hub import resolve_checkpoint
@@ -105,12 +106,15 @@ def large_buffers_returned() -> Iterator[None]:
 
 
 def read_safetensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Read a .safetensors file one tensor at a time, each straight into its own buffer.
+    """The tensors of a .safetensors file, each a view of a private memory map of it.
 
     The format is a little-endian u64 header length, a JSON header of {name: dtype, shape,
-    data_offsets}, then the raw bytes. Plain reads instead of a memory map mean no page of the
-    file stays resident once its tensor is converted: loading peaks at about one copy of the
-    weights plus the largest tensor.
+    data_offsets}, then the raw bytes. Mapping the file reads nothing up front; a float32 tensor
+    used as it is (the embeddings, the LayerNorms, the biases) is never copied, as llama.cpp and
+    transformers do, and the loader gives back the pages of each tensor it converts
+    (kernels.convert), so loading holds the weights once, never the file as well. The mapping is
+    copy-on-write: nothing is ever written to the file. (Replace a checkpoint under a running
+    engine by renaming a new file over it, as `gpt2 export` does, not by rewriting it in place.)
     """
     with open(file, "rb") as handle:
         size = file.stat().st_size
@@ -120,15 +124,17 @@ def read_safetensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
         header = json.loads(handle.read(header_len))
         header.pop("__metadata__", None)
         data_start = 8 + header_len
-        for key, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
-            begin, end = info["data_offsets"]
-            if data_start + end > size:
+        entries = sorted(header.items(), key=lambda item: item[1]["data_offsets"][0])
+        for key, info in entries:
+            if data_start + info["data_offsets"][1] > size:
                 raise ValueError(f"{key} ends past the end of the file (truncated?)")
-            dtype = SAFETENSORS_DTYPES[info["dtype"]]
-            buffer = torch.empty(end - begin, dtype=torch.uint8)  # not zeroed first, as a bytearray is
-            handle.seek(data_start + begin)
-            handle.readinto(memoryview(buffer.numpy()))
-            yield key, buffer.view(dtype).reshape(info["shape"])
+        mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+    for key, info in entries:
+        begin, end = info["data_offsets"]
+        dtype = SAFETENSORS_DTYPES[info["dtype"]]
+        raw = (torch.frombuffer(mapped, dtype=torch.uint8, count=end - begin, offset=data_start + begin)
+               if end > begin else torch.empty(0, dtype=torch.uint8))
+        yield key, raw.view(dtype).reshape(info["shape"])
 
 
 def read_pickled_state(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
@@ -147,14 +153,15 @@ def read_pickled_state(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
         yield key, value
 
 
-def read_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (key, tensor) from each file; .bin files are unpickled with weights_only=True."""
+def read_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor, bool]]:
+    """Yield (key, tensor, whether it lies in a file mapping of ours whose pages may be given back
+    once it is converted) from each file; .bin files are unpickled with weights_only=True."""
     for file in files:
         try:
             if file.suffix == ".safetensors":
-                yield from read_safetensors(file)
+                yield from ((key, tensor, True) for key, tensor in read_safetensors(file))
             else:
-                yield from read_pickled_state(file)
+                yield from ((key, tensor, False) for key, tensor in read_pickled_state(file))
         except Exception as error:  # corrupt or truncated files fail in many library-specific ways
             reason = str(error).splitlines()[0] if str(error) else type(error).__name__
             raise GPT2EngineError(f"{file}: not a readable weight file ({reason})") from None
@@ -172,11 +179,12 @@ def all_finite(tensor: torch.Tensor) -> bool:
 
 
 def convert_checkpoint(
-    tensors: Iterator[tuple[str, torch.Tensor]], model: GPT2, dtype: torch.dtype,
+    tensors: Iterator[tuple[str, torch.Tensor, bool]], model: GPT2, dtype: torch.dtype,
     device: torch.device | str, weight_format: str | None = None,
 ) -> dict[str, torch.Tensor]:
     """Map Hugging Face keys onto `model`'s parameters, transposing Conv1D and checking shapes;
-    with a weight format, the weights it applies to are encoded one by one as they are read.
+    with a weight format, the weights it applies to are encoded one by one as they are read. A
+    tensor that needs no change is used where the reader put it.
 
     Shapes are compared in the checkpoint's own layout, so a message names the key and the
     shape exactly as they appear in the file.
@@ -185,14 +193,16 @@ def convert_checkpoint(
         name: tuple(t.shape)[::-1] if is_conv1d(name) else tuple(t.shape)
         for name, t in model.state_dict().items() if not name.endswith(".scale")
     }
-    encoded = set(formats.formatted_weights(model)) if weight_format else set()
+    weights = set(formats.formatted_weights(model))  # the linear layers' and the embedding's
+    fmt = weight_format or "float32"
+    on_cpu = torch.device(device).type == "cpu" and dtype == torch.float32
     tied = model.config.tie_word_embeddings
     state: dict[str, torch.Tensor] = {}
     problems: list[str] = []
-    for key, tensor in tensors:
+    for key, tensor, mapped in tensors:
         name = key.removeprefix(PREFIX)
-        if name.endswith(MASK_BUFFERS):
-            continue
+        if name.endswith(MASK_BUFFERS) or (name == TIED_HEAD and tied):
+            continue  # masks we build ourselves; the head is the token embedding
         if name not in expected:
             problems.append(f"unexpected tensor {key} of shape {tuple(tensor.shape)}")
             continue
@@ -203,18 +213,22 @@ def convert_checkpoint(
             problems.append(f"{key} has dtype {str(tensor.dtype).removeprefix('torch.')}; weights "
                             "must be floating point")
             continue
-        if not all_finite(tensor):
+        changes = is_conv1d(name) or (weight_format is not None and name in weights)
+        converted = (kernels.convert(tensor, fmt, is_conv1d(name), release=mapped)
+                     if on_cpu and changes else None)  # one pass on every thread
+        if converted is not None:
+            state[name], scale, finite = converted
+        else:  # what needs no change stays where the reader put it (a view of the file's mapping)
+            finite = all_finite(tensor)
+            tensor = (tensor.t() if is_conv1d(name) else tensor).to(device=device, dtype=dtype)
+            if weight_format and name in weights:
+                state[name], scale = formats.encode(tensor, weight_format)
+            else:
+                state[name], scale = tensor.contiguous(), None
+        if not finite:
             problems.append(f"{key} holds NaN or infinite values")
-            continue
-        if name == TIED_HEAD and tied:
-            continue  # the head is the token embedding; the stored copy adds nothing
-        tensor = (tensor.t() if is_conv1d(name) else tensor).to(device=device, dtype=dtype)
-        if name in encoded:
-            state[name], scale = formats.encode(tensor, weight_format)
-            if scale is not None:
-                state[name.removesuffix("weight") + "scale"] = scale
-        else:
-            state[name] = tensor.contiguous()
+        if scale is not None:
+            state[name.removesuffix("weight") + "scale"] = scale
     problems += [f"missing tensor {hf_name(name)} (expected shape {shape})"
                  for name, shape in expected.items()
                  if name not in state and not (name == TIED_HEAD and tied)]

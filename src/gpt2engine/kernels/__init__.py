@@ -1,5 +1,6 @@
-"""Kernels of our own for the CPU, torch as the fallback: the linear layers (linear.c), and a whole
-decode step in one call (step.c, with attention.c; its Python side is step.py).
+"""Kernels of our own for the CPU, torch as the fallback: the linear layers (linear.c), a whole
+decode step in one call (step.c, with attention.c; its Python side is step.py), and the conversion
+of a checkpoint's tensors while loading (convert.c).
 
 torch's float32 kernels stream the weights at about half the memory bandwidth when a decode
 step multiplies them by a few rows, and have none for float32 activations against bfloat16 or
@@ -28,10 +29,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from gpt2engine.formats import decode
+from gpt2engine.formats import STORAGE, decode
 
 HERE = Path(__file__).parent
-SOURCES = (HERE / "linear.c", HERE / "attention.c", HERE / "step.c")  # compiled into one library
+SOURCES = (HERE / "linear.c", HERE / "attention.c", HERE / "step.c", HERE / "convert.c")  # one library
 HEADERS = (HERE / "kernels.h", HERE / "linear_body.h", HERE / "linear_vnni.h")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 MAX_ROWS = 128  # beyond this (long prefill chunks, evaluation windows) a GEMM is the faster one
@@ -58,6 +59,7 @@ def cache_dir() -> Path:
 class Kernels:
     linear: ctypes._CFuncPtr
     decode_step: ctypes._CFuncPtr  # its argument types are set by step.py, which owns its structs
+    convert: ctypes._CFuncPtr
     int8_activations: bool  # int8 weights meet int8 activations (AVX-512 VNNI), else float32 ones
 
 
@@ -85,7 +87,9 @@ def compiled() -> Kernels | None:
     pointer, number = ctypes.c_void_p, ctypes.c_int
     shared.gpt2engine_linear.argtypes = [pointer, pointer, number, *[pointer] * 3, *[number] * 4]
     shared.gpt2engine_linear.restype = None
-    return Kernels(shared.gpt2engine_linear, shared.gpt2engine_decode_step,
+    shared.gpt2engine_convert.argtypes = [pointer, *[number] * 4, pointer, pointer, number, number]
+    shared.gpt2engine_convert.restype = number
+    return Kernels(shared.gpt2engine_linear, shared.gpt2engine_decode_step, shared.gpt2engine_convert,
                    bool(shared.gpt2engine_int8_activations()))
 
 
@@ -140,3 +144,23 @@ def linear(
                    None if scale is None else scale.data_ptr(), None if bias is None else bias.data_ptr(),
                    out.data_ptr(), rows, x.shape[-1], weight.shape[0], torch.get_num_threads())
     return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def convert(source: torch.Tensor, fmt: str, transpose: bool, release: bool = False
+            ) -> tuple[torch.Tensor, torch.Tensor | None, bool] | None:
+    """A checkpoint's float32 tensor (rows, cols) as a weight in `fmt` (formats.py), transposed
+    to (cols, rows) for a Conv1D, in one pass on every thread (convert.c): (the weight, its
+    per-row scale or None, whether every value was finite), the same bits as formats.encode. With
+    `release`, `source` lies in a private file mapping whose pages are given back as they are
+    read. None where the kernels cannot (then: formats.encode)."""
+    kernels = compiled()
+    if (kernels is None or source.device.type != "cpu" or source.dtype != torch.float32
+            or source.dim() != 2 or not source.is_contiguous()):
+        return None
+    rows, cols = source.shape
+    stored = torch.empty((cols, rows) if transpose else (rows, cols), dtype=STORAGE[fmt])
+    scale = torch.empty(stored.shape[0]) if fmt == "int8" else None
+    finite = kernels.convert(source.data_ptr(), rows, cols, int(transpose), FORMAT_CODES[stored.dtype],
+                             stored.data_ptr(), None if scale is None else scale.data_ptr(), int(release),
+                             torch.get_num_threads())
+    return stored, scale, bool(finite)
