@@ -1,5 +1,6 @@
 """Our linear kernel against torch in every weight format, its batch invariance, the torch
-fallback, and the load-time conversion (the fused decode step: test_step.py)."""
+fallback, the scans of the logits, and the load-time conversion (the fused decode step:
+test_step.py)."""
 
 import os
 import subprocess
@@ -10,7 +11,16 @@ import torch
 import torch.nn.functional as F
 
 from gpt2engine.formats import decode, encode
-from gpt2engine.kernels import MAX_ROWS, compiled, convert, int8_activations, linear, native_bf16
+from gpt2engine.kernels import (
+    MAX_ROWS,
+    compiled,
+    convert,
+    int8_activations,
+    linear,
+    native_bf16,
+    rows_argmax,
+    rows_finite,
+)
 
 
 def test_the_kernel_builds_here():
@@ -127,3 +137,18 @@ def test_convert_gives_the_bits_of_encode_and_finds_non_finite_values(fmt, shape
         broken = source.clone()
         broken[-1, -1] = bad
         assert not convert(broken, fmt, transpose)[2]
+
+
+@pytest.mark.parametrize("V", [1, 63, 64, 65, 50257])
+def test_row_scans_match_torch(V):
+    torch.manual_seed(V)
+    logits = torch.randn(6, V)
+    logits[1] = 0.0  # all tied: the first
+    logits[2, V // 2 :] = logits[2].max() + 1  # a tie at the largest value: the first of it
+    logits[3, -1] = float("inf")
+    logits[4, 0] = float("-inf")
+    logits[5] = float("-inf")
+    assert torch.equal(rows_argmax(logits), logits.argmax(dim=-1))
+    assert rows_finite(logits, V).tolist() == [True, True, True, False, False, False]
+    logits[0, -1] = float("nan")
+    assert not rows_finite(logits, V)[0] and rows_finite(logits, V - 1)[0]  # only the first n count

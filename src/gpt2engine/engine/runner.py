@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from gpt2engine.engine.request import Request, TokenLogprob
+from gpt2engine.kernels import rows_argmax, rows_finite
 from gpt2engine.kernels.step import DecodeStep
 from gpt2engine.model import GPT2
 from gpt2engine.sampling import RowSettings, as_int64, draw, process_rows
@@ -114,8 +115,7 @@ class Runner:
         rows = torch.tensor([r.row for r in requests], device=device)
         params = [r.options.sampling for r in requests]
         logits = self.known_tokens(logits)
-        real = logits[:, : self.vocab_limit]  # NaN propagates through max and min; inf shows there
-        finite = torch.isfinite(real.amax(dim=-1)) & torch.isfinite(real.amin(dim=-1))
+        finite = rows_finite(logits, self.vocab_limit)
         if not bool(finite.all()):  # rare: a failing row must not disturb the others' draw
             logits = torch.nan_to_num(logits, nan=0.0)
         logprobs: list[TokenLogprob | None] = [None] * len(requests)
@@ -127,7 +127,7 @@ class Runner:
             logits, self.seen[rows] if settings.uses_seen else None,
             self.counts[rows] if settings.uses_counts else None,
             self.bias[rows] if settings.uses_bias else None, settings)
-        tokens = logits.argmax(dim=-1)
+        tokens = rows_argmax(logits)
         if not all(p.greedy for p in params):
             draws = torch.tensor([len(r.output_ids) for r in requests], device=device)
             sampled = draw(logits, self.seeds[rows], draws)

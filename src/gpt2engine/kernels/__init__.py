@@ -1,6 +1,7 @@
 """Kernels of our own for the CPU, torch as the fallback: the linear layers (linear.c), a whole
-decode step in one call (step.c, with attention.c; its Python side is step.py), and the conversion
-of a checkpoint's tensors while loading (convert.c).
+decode step in one call (step.c, with attention.c; its Python side is step.py), the scans of its
+logits that sampling needs (rows.c), and the conversion of a checkpoint's tensors while loading
+(convert.c).
 
 torch's float32 kernels stream the weights at about half the memory bandwidth when a decode
 step multiplies them by a few rows, and have none for float32 activations against bfloat16 or
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 from gpt2engine.formats import STORAGE, decode
 
 HERE = Path(__file__).parent
-SOURCES = (HERE / "linear.c", HERE / "attention.c", HERE / "step.c", HERE / "convert.c")  # one library
+SOURCES = tuple(HERE / name for name in ("linear.c", "attention.c", "step.c", "rows.c", "convert.c"))
 HEADERS = (HERE / "kernels.h", HERE / "linear_body.h", HERE / "linear_vnni.h")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 MAX_ROWS = 128  # beyond this (long prefill chunks, evaluation windows) a GEMM is the faster one
@@ -60,6 +61,8 @@ class Kernels:
     linear: ctypes._CFuncPtr
     decode_step: ctypes._CFuncPtr  # its argument types are set by step.py, which owns its structs
     convert: ctypes._CFuncPtr
+    rows_finite: ctypes._CFuncPtr
+    rows_argmax: ctypes._CFuncPtr
     int8_activations: bool  # int8 weights meet int8 activations (AVX-512 VNNI), else float32 ones
 
 
@@ -89,7 +92,10 @@ def compiled() -> Kernels | None:
     shared.gpt2engine_linear.restype = None
     shared.gpt2engine_convert.argtypes = [pointer, *[number] * 4, pointer, pointer, number, number]
     shared.gpt2engine_convert.restype = number
+    shared.gpt2engine_rows_finite.argtypes = [pointer, number, number, number, pointer]
+    shared.gpt2engine_rows_argmax.argtypes = [pointer, number, number, pointer]
     return Kernels(shared.gpt2engine_linear, shared.gpt2engine_decode_step, shared.gpt2engine_convert,
+                   shared.gpt2engine_rows_finite, shared.gpt2engine_rows_argmax,
                    bool(shared.gpt2engine_int8_activations()))
 
 
@@ -144,6 +150,30 @@ def linear(
                    None if scale is None else scale.data_ptr(), None if bias is None else bias.data_ptr(),
                    out.data_ptr(), rows, x.shape[-1], weight.shape[0], torch.get_num_threads())
     return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def scannable(logits: torch.Tensor) -> bool:
+    return (logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.dim() == 2
+            and logits.is_contiguous() and compiled() is not None)
+
+
+def rows_finite(logits: torch.Tensor, n: int) -> torch.Tensor:
+    """(B, V) -> (B,) bool: whether each row's first n values are all finite."""
+    if not scannable(logits):
+        real = logits[:, :n]  # NaN carries through max and min; inf shows there
+        return torch.isfinite(real.amax(dim=-1)) & torch.isfinite(real.amin(dim=-1))
+    finite = torch.empty(logits.shape[0], dtype=torch.bool)
+    compiled().rows_finite(logits.data_ptr(), *logits.shape, n, finite.data_ptr())
+    return finite
+
+
+def rows_argmax(logits: torch.Tensor) -> torch.Tensor:
+    """(B, V) without NaN -> (B,) int64: logits.argmax(dim=-1), the first of ties."""
+    if not scannable(logits):
+        return logits.argmax(dim=-1)
+    index = torch.empty(logits.shape[0], dtype=torch.int64)
+    compiled().rows_argmax(logits.data_ptr(), *logits.shape, index.data_ptr())
+    return index
 
 
 def convert(source: torch.Tensor, fmt: str, transpose: bool, release: bool = False
