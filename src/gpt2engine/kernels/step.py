@@ -1,8 +1,8 @@
 """The Python side of step.c: a model's whole decode step as one C call.
 
 The structs below mirror step.c's and kernels.h's. They hold the addresses of the model's tensors
-and of one cache, so a DecodeStep is built once for a model and its cache (engine/runner.py) and
-keeps references to both.
+and of one cache, so a DecodeStep is built once for a model as it is and its cache
+(engine/runner.py), and keeps references to all of those tensors.
 """
 
 from __future__ import annotations
@@ -64,7 +64,9 @@ class DecodeStep:
 
     def __init__(self, model: GPT2, cache: list[KVCache], kernel: ctypes._CFuncPtr) -> None:
         c = model.config
-        self.model, self.cache, self.kernel = model, cache, kernel
+        self.cache, self.kernel = cache, kernel
+        # the tensors whose addresses the structs hold, kept alive even if the model's are replaced
+        self.tensors = [*model.parameters(), *model.buffers()]
         self.layers = (Layer * c.n_layer)(*(
             Layer(address(b.ln_1.weight), address(b.ln_1.bias), weight(b.attn.c_attn), weight(b.attn.c_proj),
                   address(b.ln_2.weight), address(b.ln_2.bias), weight(b.mlp.c_fc), weight(b.mlp.c_proj),
