@@ -152,3 +152,16 @@ def test_row_scans_match_torch(V):
     assert rows_finite(logits, V).tolist() == [True, True, True, False, False, False]
     logits[0, -1] = float("nan")
     assert not rows_finite(logits, V)[0] and rows_finite(logits, V - 1)[0]  # only the first n count
+
+
+@pytest.mark.parametrize("fmt", ["float32", "int8"])
+@torch.inference_mode()
+def test_a_prefill_gemm_row_equals_the_decode_kernels(fmt):
+    torch.manual_seed(4)
+    w, b = encode(torch.randn(301, 3072) * 0.02, fmt), torch.randn(301)
+    x = torch.randn(MAX_ROWS + 72, 3072)  # past MAX_ROWS: the GEMM path
+    many, one = linear(x, w[0], b, w[1]), linear(x[150:151], w[0], b, w[1])
+    if fmt == "int8" and int8_activations():  # the same int8 activations and exact int32 sums
+        assert torch.equal(many[150:151], one)
+    else:  # float sums added in another order
+        assert (many[150:151] - one).abs().max() <= 1e-4

@@ -63,6 +63,8 @@ class Kernels:
     convert: ctypes._CFuncPtr
     rows_finite: ctypes._CFuncPtr
     rows_argmax: ctypes._CFuncPtr
+    quantize: ctypes._CFuncPtr | None  # the int8 GEMM's activations, where int8_activations
+    dequantize: ctypes._CFuncPtr | None
     int8_activations: bool  # int8 weights meet int8 activations (AVX-512 VNNI), else float32 ones
 
 
@@ -94,9 +96,15 @@ def compiled() -> Kernels | None:
     shared.gpt2engine_convert.restype = number
     shared.gpt2engine_rows_finite.argtypes = [pointer, number, number, number, pointer]
     shared.gpt2engine_rows_argmax.argtypes = [pointer, number, number, pointer]
+    int8_activations = bool(shared.gpt2engine_int8_activations())
+    quantize = dequantize = None
+    if int8_activations:
+        quantize, dequantize = shared.gpt2engine_quantize, shared.gpt2engine_dequantize
+        quantize.argtypes = [pointer, number, number, pointer, pointer, number]
+        dequantize.argtypes = [pointer, number, number, *[pointer] * 4, number]
     return Kernels(shared.gpt2engine_linear, shared.gpt2engine_decode_step, shared.gpt2engine_convert,
-                   shared.gpt2engine_rows_finite, shared.gpt2engine_rows_argmax,
-                   bool(shared.gpt2engine_int8_activations()))
+                   shared.gpt2engine_rows_finite, shared.gpt2engine_rows_argmax, quantize, dequantize,
+                   int8_activations)
 
 
 @functools.cache
@@ -120,11 +128,15 @@ def gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     bfloat16 weights meet activations rounded to bfloat16 where the CPU multiplies those natively;
     elsewhere the weights are widened to float32."""
     # x: (M, in) float32 -> (M, out) float32
-    if weight.dtype == torch.int8 and int8_activations():
-        x_scale = x.abs().amax(dim=1, keepdim=True).clamp_(min=torch.finfo(torch.float32).tiny) / 127
-        sums = torch._int_mm(torch.round(x / x_scale).to(torch.int8), weight.t())  # (M, out) int32
-        y = sums.float().mul_(x_scale).mul_(scale)
-        return y if bias is None else y.add_(bias)
+    if weight.dtype == torch.int8 and int8_activations():  # in and out of int8 in C: 7% of a prefill
+        kernels, (M, n), threads = compiled(), x.shape, torch.get_num_threads()
+        xq, x_scale = torch.empty(M, n, dtype=torch.int8), torch.empty(M)
+        kernels.quantize(x.data_ptr(), M, n, xq.data_ptr(), x_scale.data_ptr(), threads)
+        sums = torch._int_mm(xq, weight.t())  # (M, out) int32
+        y = torch.empty(sums.shape)
+        kernels.dequantize(sums.data_ptr(), M, weight.shape[0], x_scale.data_ptr(), scale.data_ptr(),
+                           None if bias is None else bias.data_ptr(), y.data_ptr(), threads)
+        return y
     if weight.dtype == torch.bfloat16 and native_bf16():
         y = F.linear(x.bfloat16(), weight).float()
         return y if bias is None else y.add_(bias)

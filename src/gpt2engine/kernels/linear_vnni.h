@@ -104,3 +104,22 @@ static void part_i8(const Weight *w, const float *x, float *y, int M, int epilog
 }
 
 int gpt2engine_int8_activations(void) { return 1; }
+
+/* For the prefill GEMM (torch._int_mm, kernels/__init__.py): x (M, in) quantized per row exactly as
+ * above, into xq (M, in) and xs (M,), the rows shared among the threads. */
+void gpt2engine_quantize(const float *x, int M, int in, int8_t *xq, float *xs, int threads) {
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int m = 0; m < M; m++) {
+        int32_t sum;
+        quantize_rows(x + (size_t)m * in, 1, in, in, xq + (size_t)m * in, xs + m, &sum);
+    }
+}
+
+/* ... and its exact int32 sums (M, out) back to floats: y = sums * xs[m] * scale[o] + b[o]. */
+void gpt2engine_dequantize(const int32_t *sums, int M, int out, const float *xs, const float *scale,
+                           const float *b, float *y, int threads) {
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int m = 0; m < M; m++)
+        for (int o = 0; o < out; o++)
+            y[(size_t)m * out + o] = (float)sums[(size_t)m * out + o] * xs[m] * scale[o] + (b ? b[o] : 0.0f);
+}
