@@ -1,6 +1,6 @@
 """Our linear kernel against torch in every weight format, its batch invariance, the torch
-fallback, the scans of the logits, and the load-time conversion (the fused decode step:
-test_step.py)."""
+fallback, the prefill attention, the scans of the logits, and the load-time conversion (the fused
+decode step: test_step.py)."""
 
 import os
 import subprocess
@@ -18,6 +18,7 @@ from gpt2engine.kernels import (
     int8_activations,
     linear,
     native_bf16,
+    prefill_attention,
     rows_argmax,
     rows_finite,
 )
@@ -165,3 +166,21 @@ def test_a_prefill_gemm_row_equals_the_decode_kernels(fmt):
         assert torch.equal(many[150:151], one)
     else:  # float sums added in another order
         assert (many[150:151] - one).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize(("T", "start", "H", "D", "S"), [
+    (256, 0, 12, 64, 600), (256, 256, 12, 64, 600),  # the 124M model's two chunks of a 512 prompt
+    (5, 3, 3, 14, 20), (17, 0, 1, 16, 17), (9, 30, 5, 8, 64), (2, 0, 2, 7, 4),  # odd sizes, tails
+])
+@torch.inference_mode()
+def test_prefill_attention_matches_masked_sdpa(T, start, H, D, S):
+    torch.manual_seed(T + start)
+    qkv, k_cache, v_cache = torch.randn(1, T, 3 * H * D), torch.randn(1, H, S, D), torch.randn(1, H, S, D)
+    q, k, v = (t.view(1, T, H, D).transpose(1, 2) for t in qkv.split(H * D, dim=2))
+    k_cache[:, :, start : start + T], v_cache[:, :, start : start + T] = k, v  # the chunk, written
+    L = start + T
+    hidden = torch.arange(L) > torch.arange(start, L)[:, None]  # query t sees slots 0..start + t
+    expected = F.scaled_dot_product_attention(q, k_cache[:, :, :L], v_cache[:, :, :L], scale=0.3,
+                                              attn_mask=torch.zeros(T, L).masked_fill_(hidden, float("-inf")))
+    ours = prefill_attention(qkv, k_cache, v_cache, start, H, 0.3)
+    assert (ours - expected.transpose(1, 2).reshape(1, T, H * D)).abs().max() <= 1e-5

@@ -18,7 +18,7 @@ from torch import nn
 
 from gpt2engine.config import ACTIVATIONS, GPT2Config
 from gpt2engine.errors import GPT2EngineError
-from gpt2engine.kernels import linear
+from gpt2engine.kernels import linear, prefill_attention
 
 
 def zeros_on_demand(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
@@ -30,6 +30,16 @@ def zeros_on_demand(shape: tuple[int, ...], dtype: torch.dtype, device: torch.de
         return torch.zeros(shape, dtype=dtype, device=device)
     pages = mmap.mmap(-1, count * dtype.itemsize)
     return torch.frombuffer(pages, dtype=dtype, count=count).view(shape)
+
+
+def chunk_start(positions: torch.Tensor) -> int | None:
+    """The first position of a prefill chunk on the CPU (one row, T > 1 consecutive positions)."""
+    # positions: (B, T)
+    B, T = positions.shape
+    if B != 1 or T < 2 or positions.device.type != "cpu":
+        return None
+    start = int(positions[0, 0])
+    return start if torch.equal(positions[0], torch.arange(start, start + T)) else None
 
 
 class KVCache:
@@ -60,8 +70,7 @@ class KVCache:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # positions: (B, T), k, v: (B, nh, T, hs) -> slots 0..length-1 (B, nh, L, hs) twice
         T = k.shape[2]
-        start = int(positions[0, 0]) if k.shape[0] == 1 and T > 1 and k.device.type == "cpu" else -1
-        if start >= 0 and torch.equal(positions[0], torch.arange(start, start + T)):  # a prefill chunk
+        if (start := chunk_start(positions)) is not None:  # a prefill chunk
             self.k[:, :, start : start + T] = k  # a slice copy, faster than a scatter
             self.v[:, :, start : start + T] = v
         else:
@@ -115,10 +124,15 @@ class CausalSelfAttention(nn.Module):
     ) -> torch.Tensor:
         # x: (B, T, C), positions: (B, T), mask: (B, 1, T, L) or None for plain causal -> (B, T, C)
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
+        qkv = self.c_attn(x)
+        q, k, v = qkv.split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         if cache is not None:
             k, v = cache.update(positions, k, v, mask.shape[-1])  # (B, nh, L, hs)
+            start = chunk_start(positions)  # a prompt's chunk on the CPU: our causal kernel (kernels/)
+            if start is not None and (y := prefill_attention(qkv, cache.k, cache.v, start, self.n_head,
+                                                              self.scale)) is not None:
+                return self.c_proj(y)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale
         )  # (B, nh, T, hs)

@@ -34,7 +34,7 @@ from gpt2engine.formats import STORAGE, decode
 
 HERE = Path(__file__).parent
 SOURCES = tuple(HERE / name for name in ("linear.c", "attention.c", "step.c", "rows.c", "convert.c"))
-HEADERS = (HERE / "kernels.h", HERE / "linear_body.h", HERE / "linear_vnni.h")
+HEADERS = (HERE / "kernels.h", HERE / "vec.h", HERE / "linear_body.h", HERE / "linear_vnni.h")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 MAX_ROWS = 128  # beyond this (long prefill chunks, evaluation windows) a GEMM is the faster one
 MAX_ATTENTION_SLOTS = 8192  # attention.c keeps a row's scores on the stack
@@ -63,6 +63,7 @@ class Kernels:
     convert: ctypes._CFuncPtr
     rows_finite: ctypes._CFuncPtr
     rows_argmax: ctypes._CFuncPtr
+    prefill_attention: ctypes._CFuncPtr
     quantize: ctypes._CFuncPtr | None  # the int8 GEMM's activations, where int8_activations
     dequantize: ctypes._CFuncPtr | None
     int8_activations: bool  # int8 weights meet int8 activations (AVX-512 VNNI), else float32 ones
@@ -94,6 +95,8 @@ def compiled() -> Kernels | None:
     shared.gpt2engine_linear.restype = None
     shared.gpt2engine_convert.argtypes = [pointer, *[number] * 4, pointer, pointer, number, number]
     shared.gpt2engine_convert.restype = number
+    shared.gpt2engine_prefill_attention.argtypes = [*[pointer] * 4, *[number] * 5, ctypes.c_float, number]
+    shared.gpt2engine_prefill_attention.restype = number
     shared.gpt2engine_rows_finite.argtypes = [pointer, number, number, number, pointer]
     shared.gpt2engine_rows_argmax.argtypes = [pointer, number, number, pointer]
     int8_activations = bool(shared.gpt2engine_int8_activations())
@@ -103,7 +106,8 @@ def compiled() -> Kernels | None:
         quantize.argtypes = [pointer, number, number, pointer, pointer, number]
         dequantize.argtypes = [pointer, number, number, *[pointer] * 4, number]
     return Kernels(shared.gpt2engine_linear, shared.gpt2engine_decode_step, shared.gpt2engine_convert,
-                   shared.gpt2engine_rows_finite, shared.gpt2engine_rows_argmax, quantize, dequantize,
+                   shared.gpt2engine_rows_finite, shared.gpt2engine_rows_argmax,
+                   shared.gpt2engine_prefill_attention, quantize, dequantize,
                    int8_activations)
 
 
@@ -186,6 +190,26 @@ def rows_argmax(logits: torch.Tensor) -> torch.Tensor:
     index = torch.empty(logits.shape[0], dtype=torch.int64)
     compiled().rows_argmax(logits.data_ptr(), *logits.shape, index.data_ptr())
     return index
+
+
+def prefill_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, start: int,
+                      n_head: int, scale: float) -> torch.Tensor | None:
+    """A prefill chunk's causal attention for one row (attention.c), its keys and values already in
+    the cache: query t (position start + t) attends to slots 0..start + t. None where the kernel
+    does not apply (then the caller takes torch's path)."""
+    # qkv: (1, T, 3C), k_cache, v_cache: (1, nh, S, hs) -> (1, T, C)
+    kernels = compiled()
+    _, T, three_c = qkv.shape
+    if (kernels is None or qkv.shape[0] != 1 or qkv.device.type != "cpu" or qkv.dtype != torch.float32
+            or k_cache.dtype != torch.float32 or qkv.requires_grad
+            or not (qkv.is_contiguous() and k_cache.is_contiguous() and v_cache.is_contiguous())):
+        return None
+    out = torch.empty(1, T, three_c // 3)
+    if not kernels.prefill_attention(qkv.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(),
+                                     T, start, n_head, k_cache.shape[2], k_cache.shape[3], scale,
+                                     torch.get_num_threads()):
+        return None
+    return out
 
 
 def convert(source: torch.Tensor, fmt: str, transpose: bool, release: bool = False
