@@ -15,6 +15,7 @@ from gpt2engine.kernels import (
     MAX_ROWS,
     compiled,
     convert,
+    gelu_tanh,
     int8_activations,
     linear,
     native_bf16,
@@ -184,3 +185,14 @@ def test_prefill_attention_matches_masked_sdpa(T, start, H, D, S):
                                               attn_mask=torch.zeros(T, L).masked_fill_(hidden, float("-inf")))
     ours = prefill_attention(qkv, k_cache, v_cache, start, H, 0.3)
     assert (ours - expected.transpose(1, 2).reshape(1, T, H * D)).abs().max() <= 1e-5
+
+
+@torch.inference_mode()
+def test_gelu_tanh_matches_torchs_in_place_and_at_the_extremes():
+    x = torch.cat([torch.randn(70_001) * 3, torch.tensor([0.0, -0.0, 1e-30, -200.0, 200.0, -9.0, 9.0, 40.0])])
+    expected = F.gelu(x.double(), approximate="tanh").float()
+    ours = gelu_tanh(x.clone())
+    assert torch.allclose(ours, expected, rtol=1e-6, atol=1e-6) and torch.isfinite(ours).all()
+    y = x.clone()
+    assert gelu_tanh(y) is y  # in place: the MLP's hidden state is its own
+    assert torch.allclose(gelu_tanh(x.clone().requires_grad_()), expected, rtol=1e-6, atol=1e-6)  # torch's

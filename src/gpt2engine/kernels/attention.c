@@ -96,7 +96,7 @@ int gpt2engine_prefill_attention(const float *qkv, const float *k_cache, const f
                         vstore(s + j, e);
                         sum_v = vadd(sum_v, e);
                     }
-                    for (; j < n; j++) sum += s[j] = exp_nonpositive(s[j] - top);
+                    for (; j < n; j++) sum += s[j] = exp_flushed(s[j] - top);
                     for (; j < keys; j++) s[j] = 0.0f;
                     total[i] = reduce(sum_v) + sum;
                 }

@@ -36,6 +36,8 @@ static inline vec vset1(float f) { return _mm512_set1_ps(f); }
 static inline vec vadd(vec a, vec b) { return _mm512_add_ps(a, b); }
 static inline vec vmul(vec a, vec b) { return _mm512_mul_ps(a, b); }
 static inline vec vmax(vec a, vec b) { return _mm512_max_ps(a, b); }
+static inline vec vmin(vec a, vec b) { return _mm512_min_ps(a, b); }
+static inline vec vdiv(vec a, vec b) { return _mm512_div_ps(a, b); }
 static inline vec vround(vec a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
 static inline vec vscale2(vec p, vec n) { return _mm512_scalef_ps(p, n); }  /* p * 2^n */
 static inline vec vzero_below(vec v, vec x, vec lo) {  /* 0 where x < lo */
@@ -60,6 +62,8 @@ static inline vec vset1(float f) { return _mm256_set1_ps(f); }
 static inline vec vadd(vec a, vec b) { return _mm256_add_ps(a, b); }
 static inline vec vmul(vec a, vec b) { return _mm256_mul_ps(a, b); }
 static inline vec vmax(vec a, vec b) { return _mm256_max_ps(a, b); }
+static inline vec vmin(vec a, vec b) { return _mm256_min_ps(a, b); }
+static inline vec vdiv(vec a, vec b) { return _mm256_div_ps(a, b); }
 static inline vec vround(vec a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
 static inline vec vscale2(vec p, vec n) {  /* p * 2^n, for -126 <= n <= 0 */
     __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
@@ -81,6 +85,8 @@ static inline vec vset1(float f) { return f; }
 static inline vec vadd(vec a, vec b) { return a + b; }
 static inline vec vmul(vec a, vec b) { return a * b; }
 static inline vec vmax(vec a, vec b) { return a > b ? a : b; }
+static inline vec vmin(vec a, vec b) { return a < b ? a : b; }
+static inline vec vdiv(vec a, vec b) { return a / b; }
 #endif
 
 static inline vec vload(const float *p) { return widen_f32(p); }
@@ -101,12 +107,13 @@ static inline float reduce_max(vec v) {
     return m;
 }
 
-/* exp(x) for x <= 0 (softmax weights, the largest score subtracted), within 2 ulp: x = n ln 2 + r,
- * |r| <= ln 2 / 2, exp(r) by Cephes' polynomial, times 2^n; below -87 it is 0. */
-static inline float exp_nonpositive(float x) { return x < -87.0f ? 0.0f : expf(x); }
+/* exp(x) for x <= 88 (softmax weights, the largest score subtracted; GELU's sigmoid), within 2
+ * ulp: x = n ln 2 + r, |r| <= ln 2 / 2, exp(r) by Cephes' polynomial, times 2^n; below -87 it is 0. */
+static inline float exp_flushed(float x) { return x < -87.0f ? 0.0f : expf(x); }  /* as vexp */
 #if VL > 1
 static inline vec vexp(vec x) {
     const vec lo = vset1(-87.0f);
+    x = vmin(x, vset1(88.0f));
     vec n = vround(vmul(x, vset1(1.44269504088896341f)));
     vec r = vfma(n, vset1(-0.693359375f), x);
     r = vfma(n, vset1(2.12194440e-4f), r);
@@ -120,6 +127,6 @@ static inline vec vexp(vec x) {
     return vzero_below(vscale2(p, n), x, lo);
 }
 #else
-static inline vec vexp(vec x) { return exp_nonpositive(x); }
+static inline vec vexp(vec x) { return exp_flushed(x); }
 #endif
 #endif
