@@ -66,11 +66,13 @@ class KVCache:
         return KVCache(self.k[start:stop], self.v[start:stop])
 
     def update(
-        self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int
+        self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int,
+        start: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # positions: (B, T), k, v: (B, nh, T, hs) -> slots 0..length-1 (B, nh, L, hs) twice
+        # start: chunk_start(positions), where the caller has it
         T = k.shape[2]
-        if (start := chunk_start(positions)) is not None:  # a prefill chunk
+        if start is not None:  # a prefill chunk
             self.k[:, :, start : start + T] = k  # a slice copy, faster than a scatter
             self.v[:, :, start : start + T] = v
         else:
@@ -128,8 +130,8 @@ class CausalSelfAttention(nn.Module):
         q, k, v = qkv.split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         if cache is not None:
-            k, v = cache.update(positions, k, v, mask.shape[-1])  # (B, nh, L, hs)
             start = chunk_start(positions)  # a prompt's chunk on the CPU: our causal kernel (kernels/)
+            k, v = cache.update(positions, k, v, mask.shape[-1], start)  # (B, nh, L, hs)
             if start is not None and (y := prefill_attention(qkv, cache.k, cache.v, start, self.n_head,
                                                               self.scale)) is not None:
                 return self.c_proj(y)

@@ -171,27 +171,32 @@ def linear(
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
-def scannable(logits: torch.Tensor) -> bool:
-    return (logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.dim() == 2
-            and logits.is_contiguous() and compiled() is not None)
+def kernels_for(*tensors: torch.Tensor) -> Kernels | None:
+    """The kernels, if they are built and every tensor is what they read: contiguous float32 on the
+    CPU, outside autograd."""
+    kernels = compiled()
+    if kernels is None or not all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
+                                  and not t.requires_grad for t in tensors):
+        return None
+    return kernels
 
 
 def rows_finite(logits: torch.Tensor, n: int) -> torch.Tensor:
     """(B, V) -> (B,) bool: whether each row's first n values are all finite."""
-    if not scannable(logits):
+    if (kernels := kernels_for(logits)) is None:
         real = logits[:, :n]  # NaN carries through max and min; inf shows there
         return torch.isfinite(real.amax(dim=-1)) & torch.isfinite(real.amin(dim=-1))
     finite = torch.empty(logits.shape[0], dtype=torch.bool)
-    compiled().rows_finite(logits.data_ptr(), *logits.shape, n, finite.data_ptr())
+    kernels.rows_finite(logits.data_ptr(), *logits.shape, n, finite.data_ptr())
     return finite
 
 
 def rows_argmax(logits: torch.Tensor) -> torch.Tensor:
     """(B, V) without NaN -> (B,) int64: logits.argmax(dim=-1), the first of ties."""
-    if not scannable(logits):
+    if (kernels := kernels_for(logits)) is None:
         return logits.argmax(dim=-1)
     index = torch.empty(logits.shape[0], dtype=torch.int64)
-    compiled().rows_argmax(logits.data_ptr(), *logits.shape, index.data_ptr())
+    kernels.rows_argmax(logits.data_ptr(), *logits.shape, index.data_ptr())
     return index
 
 
@@ -201,9 +206,7 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     step's few): in place in one vectorised pass (linear.c), else in torch, still twice as fast
     as torch's own GELU kernel."""
     # x: (..., C) -> (..., C)
-    kernels = compiled()
-    if (kernels is not None and x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous()
-            and not x.requires_grad):
+    if (kernels := kernels_for(x)) is not None:
         kernels.gelu_tanh(x.data_ptr(), x.numel(), torch.get_num_threads())
         return x
     c = 2 * math.sqrt(2 / math.pi)
@@ -216,11 +219,9 @@ def prefill_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     the cache: query t (position start + t) attends to slots 0..start + t. None where the kernel
     does not apply (then the caller takes torch's path)."""
     # qkv: (1, T, 3C), k_cache, v_cache: (1, nh, S, hs) -> (1, T, C)
-    kernels = compiled()
+    kernels = kernels_for(qkv, k_cache, v_cache)
     _, T, three_c = qkv.shape
-    if (kernels is None or qkv.shape[0] != 1 or qkv.device.type != "cpu" or qkv.dtype != torch.float32
-            or k_cache.dtype != torch.float32 or qkv.requires_grad
-            or not (qkv.is_contiguous() and k_cache.is_contiguous() and v_cache.is_contiguous())):
+    if kernels is None or qkv.shape[0] != 1:
         return None
     out = torch.empty(1, T, three_c // 3)
     if not kernels.prefill_attention(qkv.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(),
@@ -237,9 +238,7 @@ def convert(source: torch.Tensor, fmt: str, transpose: bool, release: bool = Fal
     per-row scale or None, whether every value was finite), the same bits as formats.encode. With
     `release`, `source` lies in a private file mapping whose pages are given back as they are
     read. None where the kernels cannot (then: formats.encode)."""
-    kernels = compiled()
-    if (kernels is None or source.device.type != "cpu" or source.dtype != torch.float32
-            or source.dim() != 2 or not source.is_contiguous()):
+    if (kernels := kernels_for(source)) is None or source.dim() != 2:
         return None
     rows, cols = source.shape
     stored = torch.empty((cols, rows) if transpose else (rows, cols), dtype=STORAGE[fmt])
