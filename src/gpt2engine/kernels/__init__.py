@@ -8,8 +8,9 @@ step multiplies them by a few rows, and have none for float32 activations agains
 int8 weights (formats.py). linear.c reads each weight once per step at close to the bandwidth,
 in any of the three formats, and computes every row the same way whatever the batch (batch
 invariance); longer products go to torch's GEMMs (`gemm`). The sources are compiled on first use
-with the machine's C compiler (`-O3 -march=native -fopenmp`) into a cache keyed by the sources, the
-compiler and the CPU's feature flags, so a build for one CPU is never loaded on another. No
+with the machine's C compiler (`-O3 -march=native -fopenmp`; GPT2ENGINE_MARCH names another level)
+into a cache keyed by the sources, the flags, the compiler and the CPU's feature flags, so a build
+for one CPU is never loaded on another. No
 compiler, a failed build, `GPT2ENGINE_KERNELS=0`: torch's F.linear (over the decoded weights for
 the smaller formats: correct, not fast) and scaled_dot_product_attention.
 """
@@ -36,7 +37,7 @@ from gpt2engine.formats import STORAGE, decode
 HERE = Path(__file__).parent
 SOURCES = tuple(HERE / name for name in ("linear.c", "attention.c", "step.c", "rows.c", "convert.c"))
 HEADERS = (HERE / "kernels.h", HERE / "vec.h", HERE / "linear_body.h", HERE / "linear_vnni.h")
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]  # and -march=$GPT2ENGINE_MARCH, by default native
 MAX_ROWS = 128  # beyond this (long prefill chunks, evaluation windows) a GEMM is the faster one
 MAX_ATTENTION_SLOTS = 8192  # attention.c keeps a row's scores on the stack
 FORMAT_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}  # kernels.h, by storage dtype
@@ -78,7 +79,8 @@ def compiled() -> Kernels | None:
     if os.environ.get("GPT2ENGINE_KERNELS", "1") == "0" or compiler is None or platform.system() != "Linux":
         return None
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256("\n".join([*(s.read_text() for s in SOURCES + HEADERS), " ".join(FLAGS),
+    flags = [*FLAGS, f"-march={os.environ.get('GPT2ENGINE_MARCH', 'native')}"]  # another: a fleet's floor
+    key = hashlib.sha256("\n".join([*(s.read_text() for s in SOURCES + HEADERS), " ".join(flags),
                                     version, cpu_flags()]).encode()).hexdigest()[:16]
     library = cache_dir() / f"kernels-{key}.so"
     try:
@@ -86,7 +88,7 @@ def compiled() -> Kernels | None:
             library.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=library.parent) as scratch:
                 built = Path(scratch) / library.name
-                subprocess.run([compiler, *FLAGS, *map(str, SOURCES), "-o", str(built)], check=True,
+                subprocess.run([compiler, *flags, *map(str, SOURCES), "-o", str(built)], check=True,
                                capture_output=True, timeout=120)
                 os.replace(built, library)
         shared = ctypes.CDLL(str(library))
