@@ -1,7 +1,7 @@
 """Kernels of our own for the CPU, torch as the fallback: the linear layers (linear.c), a whole
-decode step in one call (step.c, with attention.c; its Python side is step.py), the scans of its
-logits that sampling needs (rows.c), and the conversion of a checkpoint's tensors while loading
-(convert.c).
+decode step in one call (step.c, with attention.c; its Python side is step.py), a prefill chunk's
+causal attention (attention.c) and GELU (linear.c), the scans of the logits that sampling needs
+(rows.c), and the conversion of a checkpoint's tensors while loading (convert.c).
 
 torch's float32 kernels stream the weights at about half the memory bandwidth when a decode
 step multiplies them by a few rows, and have none for float32 activations against bfloat16 or
@@ -10,9 +10,9 @@ in any of the three formats, and computes every row the same way whatever the ba
 invariance); longer products go to torch's GEMMs (`gemm`). The sources are compiled on first use
 with the machine's C compiler (`-O3 -march=native -fopenmp`; GPT2ENGINE_MARCH names another level)
 into a cache keyed by the sources, the flags, the compiler and the CPU's feature flags, so a build
-for one CPU is never loaded on another. No
-compiler, a failed build, `GPT2ENGINE_KERNELS=0`: torch's F.linear (over the decoded weights for
-the smaller formats: correct, not fast) and scaled_dot_product_attention.
+for one CPU is never loaded on another. No compiler, a failed build, `GPT2ENGINE_KERNELS=0`:
+torch's F.linear (over the decoded weights for the smaller formats: correct, not fast),
+scaled_dot_product_attention and the rest.
 """
 
 from __future__ import annotations
