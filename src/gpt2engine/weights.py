@@ -193,8 +193,7 @@ def convert_checkpoint(
         name: tuple(t.shape)[::-1] if is_conv1d(name) else tuple(t.shape)
         for name, t in model.state_dict().items() if not name.endswith(".scale")
     }
-    weights = set(formats.formatted_weights(model))  # the linear layers' and the embedding's
-    fmt = weight_format or "float32"
+    encoded = set(formats.formatted_weights(model)) if weight_format else set()
     on_cpu = torch.device(device).type == "cpu" and dtype == torch.float32
     tied = model.config.tie_word_embeddings
     state: dict[str, torch.Tensor] = {}
@@ -213,15 +212,14 @@ def convert_checkpoint(
             problems.append(f"{key} has dtype {str(tensor.dtype).removeprefix('torch.')}; weights "
                             "must be floating point")
             continue
-        changes = is_conv1d(name) or (weight_format is not None and name in weights)
-        converted = (kernels.convert(tensor, fmt, is_conv1d(name), release=mapped)
-                     if on_cpu and changes else None)  # one pass on every thread
+        converted = (kernels.convert(tensor, weight_format or "float32", is_conv1d(name), release=mapped)
+                     if on_cpu and (is_conv1d(name) or name in encoded) else None)  # one pass, every thread
         if converted is not None:
             state[name], scale, finite = converted
         else:  # what needs no change stays where the reader put it (a view of the file's mapping)
             finite = all_finite(tensor)
             tensor = (tensor.t() if is_conv1d(name) else tensor).to(device=device, dtype=dtype)
-            if weight_format and name in weights:
+            if name in encoded:
                 state[name], scale = formats.encode(tensor, weight_format)
             else:
                 state[name], scale = tensor.contiguous(), None

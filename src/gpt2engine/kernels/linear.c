@@ -25,28 +25,35 @@
 
 #include "vec.h"
 
+#define TWO_SQRT_2_OVER_PI 1.5957691216f
+
+/* GELU's tanh approximation as v / (1 + exp(-2u)), u = sqrt(2/pi) (v + 0.044715 v^3). */
+static inline float gelu_tanh(float v) {
+    return v / (1.0f + expf(-TWO_SQRT_2_OVER_PI * (v + 0.044715f * v * v * v)));
+}
+
 /* Where a product's value v goes (kernels.h): y = v, y += v (a residual), y = gelu(v). */
 static inline void emit(float *y, float v, int epilogue) {
     switch (epilogue) {
     case ADD: *y += v; break;
-    case GELU_TANH: *y = v / (1.0f + expf(-1.5957691216f * (v + 0.044715f * v * v * v))); break;
+    case GELU_TANH: *y = gelu_tanh(v); break;
     case GELU_ERF: *y = 0.5f * v * (1.0f + erff(v * 0.70710678118f)); break;
     default: *y = v;
     }
 }
 
-/* x = GELU(tanh)(x) in place, as x / (1 + exp(-2u)), u = sqrt(2/pi) (x + 0.044715 x^3): a prefill's
- * MLP, in one vectorised pass on every thread instead of torch's six. */
+/* x = gelu_tanh(x) in place over a prefill's MLP: one vectorised pass on every thread instead of
+ * torch's six. */
 void gpt2engine_gelu_tanh(float *x, long n, int threads) {
-    const float c = 1.5957691216f;  /* 2 sqrt(2/pi) */
     #pragma omp parallel for schedule(static) num_threads(threads)
     for (long start = 0; start < n; start += 4096) {
         long end = n - start < 4096 ? n : start + 4096, i = start;
         for (; i + VL <= end; i += VL) {
-            vec v = vload(x + i), t = vmul(vmul(v, vset1(-c)), vfma(vmul(v, v), vset1(0.044715f), vset1(1.0f)));
+            vec v = vload(x + i);
+            vec t = vmul(vmul(v, vset1(-TWO_SQRT_2_OVER_PI)), vfma(vmul(v, v), vset1(0.044715f), vset1(1.0f)));
             vstore(x + i, vdiv(v, vadd(vset1(1.0f), vexp(t))));
         }
-        for (; i < end; i++) x[i] = x[i] / (1.0f + expf(-c * (x[i] + 0.044715f * x[i] * x[i] * x[i])));
+        for (; i < end; i++) x[i] = gelu_tanh(x[i]);
     }
 }
 
