@@ -59,6 +59,8 @@ def add_model_flags(parser: argparse.ArgumentParser, inherit: bool = False) -> N
         help="weights and activations; auto = float32 on CPU, float16 on CUDA")
     add("--quiet", action="store_true", default=False,
         help="say nothing on stderr while loading (which checkpoint, from where, device, dtype)")
+    add("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
+        help="on CUDA, capture the decode step as CUDA graphs, once at start-up (default: on)")
 
 
 def add_generation_flags(parser: argparse.ArgumentParser, inherit: bool = False) -> None:
@@ -152,7 +154,7 @@ def load_engine(args: argparse.Namespace):
     """One engine with one cache row: the REPL and `gpt2 generate` answer one prompt at a time."""
     from gpt2engine.engine import Engine
 
-    return Engine(*load(args), max_batch=1)
+    return Engine(*load(args), max_batch=1, cuda_graphs=args.cuda_graphs)
 
 
 def run_repl(args: argparse.Namespace) -> int:
@@ -211,7 +213,8 @@ def run_serve(args: argparse.Namespace) -> int:
 
     def build_engine() -> Engine:
         return Engine(*load(args), max_batch=args.max_batch, max_queue=args.max_queue,
-                      max_len=args.max_model_len, prefill_chunk=args.prefill_chunk)
+                      max_len=args.max_model_len, prefill_chunk=args.prefill_chunk,
+                      cuda_graphs=args.cuda_graphs)
 
     settings = Settings(model_name=args.served_model_name or args.model, api_key=args.api_key,
                         max_body_bytes=args.max_body_bytes)
@@ -230,7 +233,7 @@ def run_serve_on_ray(args: argparse.Namespace, settings) -> int:
                Scaling(None, args.min_replicas, args.max_replicas, args.upscale_delay, args.downscale_delay))
     spec = ReplicaSpec(args.model, args.revision, args.device, args.dtype, args.max_batch, args.max_queue,
                        args.max_model_len, args.prefill_chunk, args.cpus_per_replica, settings,
-                       scaling.replicas or scaling.min_replicas)
+                       scaling.replicas or scaling.min_replicas, args.cuda_graphs)
     return serve_on_ray(spec, scaling, args.host, args.port, args.ray_address, args.shutdown_timeout)
 
 

@@ -72,6 +72,12 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature < GREEDY_BELOW
 
+    @property
+    def argmax_only(self) -> bool:
+        """Greedy with no penalty or bias: the token is the argmax of the model's logits."""
+        return (self.greedy and self.repetition_penalty == 1.0 and not self.presence_penalty
+                and not self.frequency_penalty and not self.logit_bias)
+
 
 Param = float | torch.Tensor  # one value for every row, or a (B,) tensor of one per row
 

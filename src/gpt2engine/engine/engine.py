@@ -65,14 +65,15 @@ def prompt_ids(model: GPT2, tokenizer: Tokenizer, prompt: str | list[int]) -> li
 class Engine:
     def __init__(
         self, model: GPT2, tokenizer: Tokenizer, *, max_batch: int = 1, max_len: int | None = None,
-        max_queue: int = 64, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+        max_queue: int = 64, prefill_chunk: int = DEFAULT_PREFILL_CHUNK, cuda_graphs: bool = True,
     ) -> None:
-        """`max_batch` cache rows of `max_len` positions (default: the model's context) each."""
+        """`max_batch` cache rows of `max_len` positions (default: the model's context) each; on
+        CUDA the decode step is captured as CUDA graphs unless not `cuda_graphs` (engine/graphs.py)."""
         check_vocabularies(model, tokenizer)
         self.model, self.tokenizer = model, tokenizer
         self.max_len = max_len or model.config.n_positions
         self.scheduler = Scheduler(max_batch, max_queue, prefill_chunk)
-        self.runner = Runner(model, max_batch, self.max_len, tokenizer.vocab_size)
+        self.runner = Runner(model, max_batch, self.max_len, tokenizer.vocab_size, cuda_graphs)
         self.requests: dict[str, Request] = {}
         self.ended: list[StepOutput] = []  # aborts since the last step, reported by the next
         self.ids = itertools.count()

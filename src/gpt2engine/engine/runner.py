@@ -3,7 +3,8 @@
 The runner prefills one request's chunk into its own row, runs one batched decode step over the
 rows in use (0..hi-1; a free or still-prefilling row in between computes a throwaway token in
 the cache's last slot, which no request ever reads), and samples every row's next token in one
-call with each row's own parameters.
+call with each row's own parameters. The decode step is our C kernels on the CPU (kernels/step.py),
+CUDA graphs on a GPU (graphs.py), else the model's own forward.
 """
 
 from __future__ import annotations
@@ -12,11 +13,16 @@ from dataclasses import dataclass
 
 import torch
 
+from gpt2engine.engine.graphs import GraphedDecode
 from gpt2engine.engine.request import Request, TokenLogprob
 from gpt2engine.kernels import rows_argmax, rows_finite
 from gpt2engine.kernels.step import DecodeStep
 from gpt2engine.model import GPT2
-from gpt2engine.sampling import RowSettings, as_int64, draw, process_rows
+from gpt2engine.sampling import RowSettings, SamplingParams, as_int64, draw, process_rows
+
+# Every step of the sampling pipeline, run once by warm_up
+WARM_UP_SAMPLING = SamplingParams(temperature=0.8, top_k=40, top_p=0.9, min_p=0.05, repetition_penalty=1.1,
+                                  presence_penalty=0.1, frequency_penalty=0.1, logit_bias={0: 1.0})
 
 
 @dataclass(frozen=True)
@@ -27,10 +33,11 @@ class Sampled:
 
 
 class Runner:
-    def __init__(self, model: GPT2, max_batch: int, max_len: int, vocab_limit: int) -> None:
+    def __init__(
+        self, model: GPT2, max_batch: int, max_len: int, vocab_limit: int, cuda_graphs: bool = True
+    ) -> None:
         self.model, self.max_len = model, max_len
         self.cache = model.make_cache(max_batch, max_len)
-        self.fused_step = DecodeStep.build(model, self.cache)  # None: torch's path (model.forward)
         # Padded vocabularies (a model with more rows than the tokenizer has tokens) never
         # produce an id the tokenizer lacks.
         self.vocab_limit = min(vocab_limit, model.config.vocab_size)
@@ -46,6 +53,11 @@ class Runner:
         self.seen = torch.zeros(B, V, dtype=torch.bool, device=device)  # prompt and output tokens
         self.counts = torch.zeros(B, V, dtype=torch.int32, device=device)  # output tokens
         self.bias = torch.zeros(B, V, device=device)
+        # The decode step's fast paths, each None where it does not apply (then: model.forward)
+        self.fused_step = DecodeStep.build(model, self.cache)
+        if device.type == "cuda":  # cuBLAS and the kernels load now, not in a user's first request
+            self.warm_up()
+        self.graphed = GraphedDecode.build(model, self.cache) if cuda_graphs else None
 
     def assign(self, request: Request) -> None:
         """Set up the row's sampling state for a newly admitted request."""
@@ -62,6 +74,21 @@ class Runner:
         for token, bias in params.logit_bias.items():
             if token < V:
                 self.bias[row, token] = bias
+
+    @torch.inference_mode()
+    def warm_up(self) -> None:
+        """A throwaway prompt chunk in row 0 and a draw from it with every sampling step, so that
+        the device's libraries and kernels are loaded before the first request. A request's prefill
+        overwrites the slots it reads."""
+        T, device = min(8, self.max_len), self.model.device
+        view = [layer.rows(0, 1) for layer in self.cache]
+        positions = torch.arange(T, device=device)[None]
+        hidden = self.model.hidden_states(torch.zeros_like(positions), positions, view, T)
+        logits = self.known_tokens(self.model.lm_head(hidden[0, -1:]))  # (1, V)
+        settings = RowSettings.of([WARM_UP_SAMPLING], device)
+        logits = process_rows(logits, self.seen[:1], self.counts[:1], self.bias[:1], settings)
+        draw(logits, self.seeds[:1], self.seeds[:1]).tolist()
+        self.greedy(logits)
 
     @torch.inference_mode()
     def prefill(self, request: Request, start: int, stop: int) -> torch.Tensor | None:
@@ -87,12 +114,14 @@ class Runner:
         positions = [self.max_len - 1] * hi  # rows not decoding write the never-read last slot
         for r in requests:
             tokens[r.row], positions[r.row] = r.output_ids[-1], r.position
+        length = max(r.position for r in requests) + 1
         if self.fused_step is not None:  # the whole step in one call of our kernels
             logits = self.fused_step(tokens, positions)  # (hi, V)
+        elif self.graphed is not None:  # the whole step in one graph replay
+            logits = self.graphed(tokens, positions, length)
         else:
             device = self.model.device
             view = [layer.rows(0, hi) for layer in self.cache]
-            length = max(r.position for r in requests) + 1
             logits = self.model(torch.tensor(tokens, device=device)[:, None],
                                 torch.tensor(positions, device=device)[:, None], view, length)[:, -1]
         return logits[[r.row for r in requests]]  # (n, V)
@@ -111,6 +140,8 @@ class Runner:
     @torch.inference_mode()
     def sample(self, requests: list[Request], logits: torch.Tensor) -> Sampled:
         """The next token of each request from its logits (n, V), each with its own settings."""
+        if all(r.options.sampling.argmax_only and r.options.logprobs is None for r in requests):
+            return self.greedy(logits)  # the common case, in a few small steps
         device = logits.device
         rows = torch.tensor([r.row for r in requests], device=device)
         params = [r.options.sampling for r in requests]
@@ -140,6 +171,15 @@ class Runner:
                 if r.options.logprobs is not None:
                     [logprobs[i]] = token_logprobs(raw[i : i + 1], token_list[i : i + 1], r.options.logprobs)
         return Sampled(token_list, logprobs, finite.tolist())
+
+    def greedy(self, logits: torch.Tensor) -> Sampled:
+        """The argmax of each row's logits (n, V) over the tokens the tokenizer knows. The rows'
+        `seen` and `counts` are left as they are: only penalties read them, and a request's
+        settings do not change, so a row that is sampled here never has them read."""
+        logits = logits[:, : self.vocab_limit]
+        finite = rows_finite(logits, self.vocab_limit).long()
+        tokens, finite = torch.stack((rows_argmax(logits), finite)).tolist()  # one read from the device
+        return Sampled(tokens, [None] * len(tokens), [bool(f) for f in finite])
 
 
 def token_logprobs(logprobs: torch.Tensor, targets: list[int], top: int) -> list[TokenLogprob]:

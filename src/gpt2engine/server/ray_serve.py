@@ -40,6 +40,7 @@ class ReplicaSpec:
     threads: int
     settings: Settings
     replicas_wanted: int  # /health is 200 once this many are running
+    cuda_graphs: bool = True
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,8 @@ def application(spec: ReplicaSpec, scaling: Scaling, shutdown_timeout: float = 3
             model, tokenizer = load_pretrained(spec.model, spec.revision, spec.device, spec.dtype)
             self.spec = spec
             self.engine = Engine(model, tokenizer, max_batch=spec.max_batch, max_queue=spec.max_queue,
-                                 max_len=spec.max_model_len, prefill_chunk=spec.prefill_chunk)
+                                 max_len=spec.max_model_len, prefill_chunk=spec.prefill_chunk,
+                                 cuda_graphs=spec.cuda_graphs)
             self.name = serve.get_replica_context().replica_id.unique_id
 
         def __serve_build_asgi_app__(self):
