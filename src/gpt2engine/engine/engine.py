@@ -143,7 +143,8 @@ class Engine:
                 logits.insert(0, self.runner.decode(decoding))
             batch = decoding + ready
             if batch:
-                outputs += self.postprocess(batch, self.runner.sample(batch, torch.cat(logits)))
+                joined = logits[0] if len(logits) == 1 else torch.cat(logits)
+                outputs += self.postprocess(batch, self.runner.sample(batch, joined))
         except Exception as error:
             outputs += [self.fail(r, error) for r in decoding + ready if not r.finished]
         return outputs

@@ -124,7 +124,8 @@ class Runner:
             view = [layer.rows(0, hi) for layer in self.cache]
             logits = self.model(torch.tensor(tokens, device=device)[:, None],
                                 torch.tensor(positions, device=device)[:, None], view, length)[:, -1]
-        return logits[[r.row for r in requests]]  # (n, V)
+        rows = [r.row for r in requests]
+        return logits if rows == list(range(hi)) else logits[rows]  # (n, V); most often all rows
 
     def known_tokens(self, logits: torch.Tensor) -> torch.Tensor:
         # (n, V) -> (n, V) float32, -inf past the tokens the tokenizer knows
