@@ -104,6 +104,24 @@ def test_generate_prints_the_continuation(tiny_checkpoint, engine, flags_first):
     assert result.stdout == expected_text(engine, "Hello there").text + "\n"
 
 
+@pytest.mark.parametrize(("flags", "expected"), [([], True), (["--no-cuda-graphs"], False),
+                                                 (["--cuda-graphs"], True)])
+def test_the_cuda_graphs_flag_reaches_the_engine(tiny_checkpoint, monkeypatch, capsys, flags, expected):
+    from gpt2engine import cli
+    from gpt2engine.engine import Engine
+
+    seen, build = [], Engine.__init__
+
+    def recording(self, *args, **kwargs):
+        seen.append(kwargs["cuda_graphs"])
+        build(self, *args, **kwargs)
+
+    monkeypatch.setattr(Engine, "__init__", recording)
+    assert cli.main(["generate", "Hi", "--model", str(tiny_checkpoint), "--quiet", "--max-new-tokens", "2",
+                     *flags]) == 0
+    assert seen == [expected] and capsys.readouterr().out
+
+
 def test_generate_reads_stdin_and_prints_json(tiny_checkpoint, engine):
     result = run("generate", "-", "--json", "--model", str(tiny_checkpoint), *GREEDY_FLAGS,
                  stdin="A prompt from a pipe\n")

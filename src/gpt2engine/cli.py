@@ -59,6 +59,11 @@ def add_model_flags(parser: argparse.ArgumentParser, inherit: bool = False) -> N
         help="weights and activations; auto = float32 on CPU, float16 on CUDA")
     add("--quiet", action="store_true", default=False,
         help="say nothing on stderr while loading (which checkpoint, from where, device, dtype)")
+
+
+def add_engine_flags(parser: argparse.ArgumentParser, inherit: bool = False) -> None:
+    """Flags of the commands that run the engine loop: the REPL, generate, serve."""
+    add = shared_flag(parser.add_argument_group("engine"), inherit)
     add("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
         help="on CUDA, capture the decode step as CUDA graphs, once at start-up (default: on)")
 
@@ -402,6 +407,7 @@ def add_serve_command(commands: argparse._SubParsersAction) -> None:
     ray.add_argument("--downscale-delay", type=seconds, default=600.0, metavar="S",
                      help="autoscaling: seconds of low load before removing one (default: 600)")
     add_model_flags(serve, inherit=True)
+    add_engine_flags(serve, inherit=True)
     serve.set_defaults(run=run_serve)
 
 
@@ -489,6 +495,7 @@ def build_parser() -> OneLineParser:
 
     parser.add_argument("--version", action="version", version=f"gpt2engine {__version__}")
     add_model_flags(parser)
+    add_engine_flags(parser)
     add_generation_flags(parser)
     parser.set_defaults(run=run_repl)
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", parser_class=OneLineParser)
@@ -499,6 +506,7 @@ def build_parser() -> OneLineParser:
     generate.add_argument("--json", action="store_true",
                           help="print one JSON object: text, token counts, finish_reason")
     add_model_flags(generate, inherit=True)
+    add_engine_flags(generate, inherit=True)
     add_generation_flags(generate, inherit=True)
     generate.set_defaults(run=run_generate)
 
