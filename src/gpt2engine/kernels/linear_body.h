@@ -1,5 +1,5 @@
-/* The routines of linear.c for one weight type; included once per type with W_T, WIDEN, LOAD and
- * NAME defined, which it undefines at its end. */
+/* The routines of linear.c for one weight type; included once per type with W_T, WIDEN, LOAD,
+ * ONE_STREAM and NAME defined, which it undefines at its end. */
 
 /* x . w over n inputs, the first `from` of them already summed lane by lane in `lanes`. */
 static inline float NAME(finish)(vec lanes, const float *x, const W_T *w, int from, int n) {
@@ -8,9 +8,23 @@ static inline float NAME(finish)(vec lanes, const float *x, const W_T *w, int fr
     return s;
 }
 
-/* R (1 or 4) rows of x against 4 rows of W -> out[r][c] = x[r] . w[c]. */
+/* R (1 or 4) rows of x against 4 rows of W -> out[r][c] = x[r] . w[c]. `one_stream` (R = 1): the
+ * weight rows one after another, one stream through memory instead of four side by side (the same
+ * sums in the same order). */
 static inline void NAME(block)(const float *x, size_t ldx, int R, const W_T *w, size_t ldw, int n,
-                               float out[4][4], int prefetch) {
+                               float out[4][4], int prefetch, int one_stream) {
+    if (one_stream) {
+        for (int c = 0; c < 4; c++) {
+            vec acc = vzero();
+            int i = 0;
+            for (; i + VL <= n; i += VL) {
+                if (prefetch) __builtin_prefetch(w + (AHEAD + c) * ldw + i, 0, 1);
+                acc = vfma(vload(x + i), WIDEN(w + c * ldw + i), acc);
+            }
+            out[0][c] = NAME(finish)(acc, x, w + c * ldw, i, n);
+        }
+        return;
+    }
     vec acc[4][4];
     for (int r = 0; r < 4; r++)
         for (int c = 0; c < 4; c++) acc[r][c] = vzero();
@@ -41,6 +55,7 @@ static inline float NAME(dot)(const float *x, const W_T *w, int n) {
  * one thread's share. */
 static void NAME(blocks)(const float *x, const W_T *W, const float *scale, const float *b, float *y,
                          int M, int in, int out, int first, int last, int epilogue) {
+    int one_stream = ONE_STREAM && M == 1;  /* at batch 1, where it is faster (see ONE_STREAM) */
     for (int tile = 0; tile < M; tile += TILE) {
         int tile_end = M - tile < TILE ? M : tile + TILE;
         for (int blk = first; blk < last; blk++) {
@@ -51,8 +66,8 @@ static void NAME(blocks)(const float *x, const W_T *W, const float *scale, const
                 float s[4][4];
                 if (n == 4) {
                     int ahead = m == 0 && blk + AHEAD / 4 + 1 <= last;  /* once per weight block */
-                    if (R == 4) NAME(block)(x + (size_t)m * in, in, 4, w, in, in, s, ahead);
-                    else NAME(block)(x + (size_t)m * in, in, 1, w, in, in, s, ahead);
+                    if (R == 4) NAME(block)(x + (size_t)m * in, in, 4, w, in, in, s, ahead, 0);
+                    else NAME(block)(x + (size_t)m * in, in, 1, w, in, in, s, ahead, one_stream);
                 } else {
                     for (int c = 0; c < n; c++) s[0][c] = NAME(dot)(x + (size_t)m * in, w + (size_t)c * in, in);
                 }
@@ -67,6 +82,7 @@ static void NAME(blocks)(const float *x, const W_T *W, const float *scale, const
 }
 
 #undef W_T
+#undef ONE_STREAM
 #undef WIDEN
 #undef LOAD
 #undef NAME
