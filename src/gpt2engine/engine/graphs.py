@@ -53,7 +53,7 @@ class GraphedDecode:
             return None
         try:
             return cls(model, cache)
-        except (RuntimeError, torch.cuda.OutOfMemoryError) as error:
+        except RuntimeError as error:  # out of memory too (torch.cuda.OutOfMemoryError is one)
             print(f"warning: CUDA graphs unavailable, decoding eagerly ({str(error).splitlines()[0]})",
                   file=sys.stderr, flush=True)
             return None
