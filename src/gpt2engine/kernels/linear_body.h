@@ -8,23 +8,9 @@ static inline float NAME(finish)(vec lanes, const float *x, const W_T *w, int fr
     return s;
 }
 
-/* R (1 or 4) rows of x against 4 rows of W -> out[r][c] = x[r] . w[c]. `one_stream` (R = 1): the
- * weight rows one after another, one stream through memory instead of four side by side (the same
- * sums in the same order). */
+/* R (1 or 4) rows of x against 4 rows of W -> out[r][c] = x[r] . w[c]. */
 static inline void NAME(block)(const float *x, size_t ldx, int R, const W_T *w, size_t ldw, int n,
-                               float out[4][4], int prefetch, int one_stream) {
-    if (one_stream) {
-        for (int c = 0; c < 4; c++) {
-            vec acc = vzero();
-            int i = 0;
-            for (; i + VL <= n; i += VL) {
-                if (prefetch) __builtin_prefetch(w + (AHEAD + c) * ldw + i, 0, 1);
-                acc = vfma(vload(x + i), WIDEN(w + c * ldw + i), acc);
-            }
-            out[0][c] = NAME(finish)(acc, x, w + c * ldw, i, n);
-        }
-        return;
-    }
+                               float out[4][4], int prefetch) {
     vec acc[4][4];
     for (int r = 0; r < 4; r++)
         for (int c = 0; c < 4; c++) acc[r][c] = vzero();
@@ -55,7 +41,9 @@ static inline float NAME(dot)(const float *x, const W_T *w, int n) {
  * one thread's share. */
 static void NAME(blocks)(const float *x, const W_T *W, const float *scale, const float *b, float *y,
                          int M, int in, int out, int first, int last, int epilogue) {
-    int one_stream = ONE_STREAM && M == 1;  /* at batch 1, where it is faster (see ONE_STREAM) */
+    /* at batch 1, where it is faster (see ONE_STREAM): each weight row in turn, one stream through
+     * memory, by the same lane-by-lane sums as a block's */
+    int one_stream = ONE_STREAM && M == 1;
     for (int tile = 0; tile < M; tile += TILE) {
         int tile_end = M - tile < TILE ? M : tile + TILE;
         for (int blk = first; blk < last; blk++) {
@@ -64,10 +52,10 @@ static void NAME(blocks)(const float *x, const W_T *W, const float *scale, const
             for (int m = tile; m < tile_end;) {
                 int R = (n == 4 && tile_end - m >= 4) ? 4 : 1;
                 float s[4][4];
-                if (n == 4) {
+                if (n == 4 && !one_stream) {
                     int ahead = m == 0 && blk + AHEAD / 4 + 1 <= last;  /* once per weight block */
-                    if (R == 4) NAME(block)(x + (size_t)m * in, in, 4, w, in, in, s, ahead, 0);
-                    else NAME(block)(x + (size_t)m * in, in, 1, w, in, in, s, ahead, one_stream);
+                    if (R == 4) NAME(block)(x + (size_t)m * in, in, 4, w, in, in, s, ahead);
+                    else NAME(block)(x + (size_t)m * in, in, 1, w, in, in, s, ahead);
                 } else {
                     for (int c = 0; c < n; c++) s[0][c] = NAME(dot)(x + (size_t)m * in, w + (size_t)c * in, in);
                 }
