@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from gpt2engine import formats, kernels
+from gpt2engine.arena import Arena, padded
 from gpt2engine.config import GPT2Config
 from gpt2engine.errors import GPT2EngineError
 from gpt2engine.hub import resolve_checkpoint
@@ -183,8 +184,10 @@ def convert_checkpoint(
     device: torch.device | str, weight_format: str | None = None,
 ) -> dict[str, torch.Tensor]:
     """Map Hugging Face keys onto `model`'s parameters, transposing Conv1D and checking shapes;
-    with a weight format, the weights it applies to are encoded one by one as they are read. A
-    tensor that needs no change is used where the reader put it.
+    with a weight format, the weights it applies to are encoded one by one as they are read. On
+    the CPU the weights a decode step streams are written into one block of huge pages (arena.py);
+    a tensor that needs no change otherwise (LayerNorms, biases, positions) is used where the
+    reader put it.
 
     Shapes are compared in the checkpoint's own layout, so a message names the key and the
     shape exactly as they appear in the file.
@@ -193,9 +196,16 @@ def convert_checkpoint(
         name: tuple(t.shape)[::-1] if is_conv1d(name) else tuple(t.shape)
         for name, t in model.state_dict().items() if not name.endswith(".scale")
     }
-    encoded = set(formats.formatted_weights(model)) if weight_format else set()
+    formatted = set(formats.formatted_weights(model))
+    encoded = formatted if weight_format else set()
+    fmt = weight_format or "float32"
     on_cpu = torch.device(device).type == "cpu" and dtype == torch.float32
     tied = model.config.tie_word_embeddings
+    # on the CPU, the weights that a decode step streams are converted into one block (arena.py)
+    streamed = {name: model.get_parameter(name).shape for name in expected
+                if on_cpu and (is_conv1d(name) or name in formatted) and not (name == TIED_HEAD and tied)}
+    block = Arena(sum(padded(shape.numel() * formats.STORAGE[fmt].itemsize)
+                      + (padded(4 * shape[0]) if fmt == "int8" else 0) for shape in streamed.values()))
     state: dict[str, torch.Tensor] = {}
     problems: list[str] = []
     for key, tensor, mapped in tensors:
@@ -212,8 +222,8 @@ def convert_checkpoint(
             problems.append(f"{key} has dtype {str(tensor.dtype).removeprefix('torch.')}; weights "
                             "must be floating point")
             continue
-        converted = (kernels.convert(tensor, weight_format or "float32", is_conv1d(name), release=mapped)
-                     if on_cpu and (is_conv1d(name) or name in encoded) else None)  # one pass, every thread
+        converted = (kernels.convert(tensor, fmt, is_conv1d(name), release=mapped, arena=block)
+                     if name in streamed else None)  # one pass, every thread
         if converted is not None:
             state[name], scale, finite = converted
         else:  # what needs no change stays where the reader put it (a view of the file's mapping)

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from gpt2engine.arena import Arena
 from gpt2engine.formats import STORAGE, decode
 
 HERE = Path(__file__).parent
@@ -233,18 +234,20 @@ def prefill_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     return out
 
 
-def convert(source: torch.Tensor, fmt: str, transpose: bool, release: bool = False
-            ) -> tuple[torch.Tensor, torch.Tensor | None, bool] | None:
+def convert(source: torch.Tensor, fmt: str, transpose: bool, release: bool = False,
+            arena: Arena | None = None) -> tuple[torch.Tensor, torch.Tensor | None, bool] | None:
     """A checkpoint's float32 tensor (rows, cols) as a weight in `fmt` (formats.py), transposed
     to (cols, rows) for a Conv1D, in one pass on every thread (convert.c): (the weight, its
     per-row scale or None, whether every value was finite), the same bits as formats.encode. With
     `release`, `source` lies in a private file mapping whose pages are given back as they are
-    read. None where the kernels cannot (then: formats.encode)."""
+    read. The weight and its scale are written into `arena` if one is given.
+    None where the kernels cannot (then: formats.encode)."""
     if (kernels := kernels_for(source)) is None or source.dim() != 2:
         return None
     rows, cols = source.shape
-    stored = torch.empty((cols, rows) if transpose else (rows, cols), dtype=STORAGE[fmt])
-    scale = torch.empty(stored.shape[0]) if fmt == "int8" else None
+    empty = (arena or Arena(0)).empty
+    stored = empty((cols, rows) if transpose else (rows, cols), STORAGE[fmt])
+    scale = empty((stored.shape[0],), torch.float32) if fmt == "int8" else None
     finite = kernels.convert(source.data_ptr(), rows, cols, int(transpose), FORMAT_CODES[stored.dtype],
                              stored.data_ptr(), None if scale is None else scale.data_ptr(), int(release),
                              torch.get_num_threads())
