@@ -9,7 +9,9 @@ all)`, greedy, the end-of-text token never stopping it:
 - decode tokens/s at batch 1 and 8: batch * (new_tokens - 1) / (time after the first token),
 - prefill tokens/s: a 512-token prompt over its time to the first token,
 - time to first token of a 16-token prompt at batch 1, load time, peak RSS,
-each child doing one run after a warm-up, in `repeats` rounds that go over every engine and mode
+each child doing one run after a warm-up (a batch of short prompts, then one long prompt: the
+first touch of a long prompt's cache and buffers is a one-time cost, 10-20% of our first
+prefill's time), in `repeats` rounds that go over every engine and mode
 in turn (so a slow stretch of the shared machine falls on all of them alike); the table has the
 medians and the spread (max - min) / median of the rounds. Ours runs through the Engine that the
 CLI and the server use. The peers are optional (`pip install 'gpt2engine[bench]'`); one that is
@@ -277,7 +279,8 @@ def measure(engine: str, mode: str, path: str, work: Workload) -> list[dict]:
     started = time.perf_counter()
     adapter = ADAPTERS[engine](path, mode, work)
     load_s = time.perf_counter() - started
-    adapter.generate([prompt(work.prompt_tokens)] * max(work.batches), 4)  # warm-up
+    adapter.generate([prompt(work.prompt_tokens)] * max(work.batches), 4)  # warm-up: every shape measured,
+    adapter.generate([prompt(work.prefill_tokens)], 1)  # and the first touch of the memory a long prompt uses
     prefill = work.prefill_tokens / adapter.generate([prompt(work.prefill_tokens)], 1)[0]
     rows = []
     for batch in work.batches:
