@@ -114,6 +114,20 @@ def test_every_format_is_bit_identical_alone_and_in_any_batch(fmt):
     assert torch.equal(linear(batch[9:10], w[0], b, w[1]), together[9:10])
 
 
+@pytest.mark.parametrize("rows", [4, 300])  # the decode kernel, the GEMM
+@pytest.mark.parametrize("n_in", [768, 77])  # whole vectors; a tail
+@torch.inference_mode()
+def test_int8_a_row_with_nan_or_inf_gives_nan_and_leaves_the_others(rows, n_in):
+    torch.manual_seed(rows)
+    x, w = torch.randn(rows, n_in), torch.randn(64, n_in)
+    q, scale = encode(w, "int8")
+    clean = linear(x, q, None, scale)
+    x[1, n_in - 1], x[2, 3] = float("inf"), float("nan")
+    y = linear(x, q, None, scale)
+    assert bool(y[1:3].isnan().all())
+    assert torch.equal(y[[0, *range(3, rows)]], clean[[0, *range(3, rows)]])
+
+
 def test_formats_without_the_kernels_still_compute_through_torch():
     code = ("import torch, torch.nn.functional as F\n"
             "from gpt2engine.formats import decode, encode\n"

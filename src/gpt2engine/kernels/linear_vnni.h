@@ -12,24 +12,49 @@
 
 #define BYTES 64
 
+/* Each row of x: its scale (NaN if the row is not all finite; then its q are 0) and q; xsum: the
+ * sum of its first n_vec q. Vectorised, the same bits as q = nearbyintf(x / s) one by one. */
 static void quantize_rows(const float *x, int M, int in, int n_vec, int8_t *xq, float *xs,
                           int32_t *xsum) {
+    const __m512 zero = _mm512_setzero_ps();
     for (int m = 0; m < M; m++) {
         const float *row = x + (size_t)m * in;
-        float top = 0.0f;
-        int finite = 1;
-        for (int i = 0; i < in; i++) {
-            top = fabsf(row[i]) > top ? fabsf(row[i]) : top;
-            finite &= isfinite(row[i]) != 0;
+        int8_t *q = xq + (size_t)m * in;
+        __m512 top_v = zero, poison = zero;  /* poison: x * 0 summed, NaN once an inf or NaN came by */
+        int i = 0;
+        for (; i + 16 <= in; i += 16) {
+            __m512 v = _mm512_loadu_ps(row + i);
+            top_v = _mm512_max_ps(top_v, _mm512_abs_ps(v));
+            poison = _mm512_add_ps(poison, _mm512_mul_ps(v, zero));
+        }
+        float top = _mm512_reduce_max_ps(top_v);
+        int finite = _mm512_reduce_add_ps(poison) == 0.0f;
+        for (int j = i; j < in; j++) {
+            top = fabsf(row[j]) > top ? fabsf(row[j]) : top;
+            finite &= isfinite(row[j]) != 0;
         }
         float s = finite ? (top > FLT_MIN ? top : FLT_MIN) / 127.0f : NAN;  /* NaN in, NaN out */
-        int32_t sum = 0;
-        for (int i = 0; i < in; i++) {
-            int8_t q = finite ? (int8_t)nearbyintf(row[i] / s) : 0;
-            xq[(size_t)m * in + i] = q;
-            sum += i < n_vec ? q : 0;
+        xs[m] = s;
+        if (!finite) {
+            memset(q, 0, (size_t)in);
+            xsum[m] = 0;
+            continue;
         }
-        xs[m] = s, xsum[m] = sum;
+        __m512 sv = _mm512_set1_ps(s);
+        __m512i sum_v = _mm512_setzero_si512();
+        for (i = 0; i + 16 <= in; i += 16) {
+            __m512 r = _mm512_roundscale_ps(_mm512_div_ps(_mm512_loadu_ps(row + i), sv),
+                                            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            __m512i qi = _mm512_cvtps_epi32(r);  /* whole numbers within +-127: exact */
+            _mm_storeu_si128((__m128i *)(q + i), _mm512_cvtsepi32_epi8(qi));
+            if (i + 16 <= n_vec) sum_v = _mm512_add_epi32(sum_v, qi);
+        }
+        int32_t sum = _mm512_reduce_add_epi32(sum_v);
+        for (; i < in; i++) {
+            q[i] = (int8_t)nearbyintf(row[i] / s);
+            sum += i < n_vec ? q[i] : 0;
+        }
+        xsum[m] = sum;
     }
 }
 
