@@ -7,7 +7,7 @@ CTranslate2's float32 about a quarter). Every child runs the same workload throu
 adapter, `load()` and `generate(prompts, new_tokens) -> (seconds to the first token, seconds in
 all)`, greedy, the end-of-text token never stopping it:
 - decode tokens/s at batch 1 and 8: batch * (new_tokens - 1) / (time after the first token),
-- prefill tokens/s: a 512-token prompt over its time to the first token,
+- prefill tokens/s: a 512-token prompt over its time to the first token (the median of three),
 - time to first token of a 16-token prompt at batch 1, load time, peak RSS,
 each child doing one run after a warm-up (a batch of short prompts, then one long prompt: the
 first touch of a long prompt's cache and buffers is a one-time cost, 10-20% of our first
@@ -281,7 +281,8 @@ def measure(engine: str, mode: str, path: str, work: Workload) -> list[dict]:
     load_s = time.perf_counter() - started
     adapter.generate([prompt(work.prompt_tokens)] * max(work.batches), 4)  # warm-up: every shape measured,
     adapter.generate([prompt(work.prefill_tokens)], 1)  # and the first touch of the memory a long prompt uses
-    prefill = work.prefill_tokens / adapter.generate([prompt(work.prefill_tokens)], 1)[0]
+    prefill = work.prefill_tokens / statistics.median(  # a short measurement: the median of three
+        adapter.generate([prompt(work.prefill_tokens)], 1)[0] for _ in range(3))
     rows = []
     for batch in work.batches:
         first, total = adapter.generate([prompt(work.prompt_tokens) for _ in range(batch)], work.new_tokens)
