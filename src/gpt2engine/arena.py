@@ -28,8 +28,9 @@ def padded(nbytes: int) -> int:
 
 class Arena:
     """A block of `nbytes` (plus the alignment of each tensor) handing out tensors one after
-    another; they keep the block alive, and it is given back when the last of them is gone. A
-    tensor that no longer fits comes from torch.empty."""
+    another, each one's pages faulted in as it is handed out (so the block grows in memory as a
+    loader fills it); they keep the block alive, and it is given back when the last of them is
+    gone. A tensor that no longer fits comes from torch.empty."""
 
     def __init__(self, nbytes: int) -> None:
         self.block: mmap.mmap | None = None
@@ -43,8 +44,7 @@ class Arena:
         start = torch.frombuffer(self.block, dtype=torch.uint8, count=1).data_ptr()
         self.offset = -start % HUGE_PAGE  # the first huge page boundary inside the block
         self.end = self.offset + nbytes
-        for page in range(self.offset, self.end, HUGE_PAGE):  # faulted in now, from this thread:
-            self.block[page] = 0  # two threads faulting huge pages at once took 10x as long here
+        self.faulted = self.offset  # the pages below are in memory
 
     def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """An uninitialised tensor in the block (contiguous, 64-byte aligned)."""
@@ -54,4 +54,7 @@ class Arena:
             return torch.empty(shape, dtype=dtype)
         tensor = torch.frombuffer(self.block, dtype=dtype, count=count, offset=self.offset)
         self.offset += padded(nbytes)
+        while self.faulted < self.offset:  # this tensor's pages, from this thread: two threads
+            self.block[self.faulted] = 0  # faulting huge pages at once took 10x as long here
+            self.faulted += HUGE_PAGE
         return tensor.view(shape)
