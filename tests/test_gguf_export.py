@@ -1,5 +1,6 @@
 """GGUF export read back with the gguf package's own reader: metadata, vocabulary, every tensor."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -73,4 +74,5 @@ def test_tokenizer_round_trip_through_gguf_vocabulary(engine, tmp_path):
     model, tokenizer = engine
     export_gguf(model, tokenizer, tmp_path / "m.gguf")
     tokens = field(gguf.GGUFReader(tmp_path / "m.gguf"), "tokenizer.ggml.tokens")
-    assert tokens == [text for text, _ in sorted(tokenizer.backend.get_vocab().items(), key=lambda x: x[1])]
+    vocab = json.loads((tokenizer.folder / "vocab.json").read_text(encoding="utf-8"))
+    assert tokens == sorted(vocab, key=vocab.get)

@@ -156,6 +156,24 @@ def test_convert_gives_the_bits_of_encode_and_finds_non_finite_values(fmt, shape
         assert not convert(broken, fmt, transpose)[2]
 
 
+@pytest.mark.parametrize("fmt", ["float32", "bfloat16", "int8"])
+@pytest.mark.parametrize("transpose", [False, True])
+def test_convert_reads_a_file_as_it_reads_memory(tmp_path, fmt, transpose):
+    """The loader's path: the values read from the file at an offset (pread), not through a map."""
+    torch.manual_seed(7)
+    source = torch.randn(301, 77) * torch.logspace(-2, 1, 77)
+    path = tmp_path / "weights"
+    path.write_bytes(b"header" + source.numpy().tobytes())
+    shape_only = torch.empty(0).new_empty(source.shape)
+    with open(path, "rb") as handle:
+        stored, scale, finite = convert(shape_only, fmt, transpose, file=(handle.fileno(), 6))
+    expected, expected_scale, _ = convert(source, fmt, transpose)
+    assert finite and torch.equal(stored, expected)
+    assert (scale is None and expected_scale is None) or torch.equal(scale, expected_scale)
+    with open(path, "rb") as handle, pytest.raises(OSError, match="could not be read"):
+        convert(shape_only, fmt, transpose, file=(handle.fileno(), 12))  # 6 bytes past the end
+
+
 @pytest.mark.parametrize("V", [1, 63, 64, 65, 50257])
 def test_row_scans_match_torch(V):
     torch.manual_seed(V)

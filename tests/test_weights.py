@@ -117,7 +117,7 @@ def test_dtype_and_single_copy_of_weights(checkpoint):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "int8"])
-def test_the_file_is_mapped_never_written_and_what_needs_no_change_is_not_copied(checkpoint, dtype):
+def test_the_file_is_never_written_and_no_weight_shares_storage(checkpoint, dtype):
     before = (checkpoint / "model.safetensors").read_bytes()
     model = GPT2.from_pretrained(checkpoint, dtype=dtype)
     with torch.no_grad():  # writes to the weights stay in this process (copy-on-write)
@@ -128,7 +128,18 @@ def test_the_file_is_mapped_never_written_and_what_needs_no_change_is_not_copied
     assert fresh.wpe.weight.abs().sum() > 0  # a new mapping sees the file, not our writes
     assert fresh.h[0].attn.c_attn.weight.is_contiguous()  # transposed into Linear's layout
     storages = [p.untyped_storage().data_ptr() for p in fresh.parameters()]
-    assert len(set(storages)) == len(storages)  # views of the mapping share no storage (exports)
+    assert len(set(storages)) == len(storages)  # each its own (exports save them one by one)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "int8"])
+def test_on_the_cpu_no_weight_is_a_view_of_the_file(checkpoint, dtype):
+    """Every tensor is read from the file, none through its memory map (read_safetensors)."""
+    model = GPT2.from_pretrained(checkpoint, dtype=dtype)
+    maps = [line.split()[0].split("-") for line in open("/proc/self/maps", encoding="utf-8")
+            if line.rstrip().endswith("model.safetensors")]
+    ranges = [(int(low, 16), int(high, 16)) for low, high in maps]
+    assert not [name for name, t in model.state_dict().items()
+                if any(low <= t.data_ptr() < high for low, high in ranges)]
 
 
 def test_save_round_trip_loads_in_transformers(tmp_path, checkpoint, reference):

@@ -67,9 +67,9 @@ def synthetic_vocabulary(folder: Path, size: int) -> None:
     """A byte-level BPE vocabulary of `size` tokens (GPT-2's format: 256 byte symbols, merges of
     pairs of them, <|endoftext|> last). Speed does not depend on which strings the ids stand for,
     and this needs no download."""
-    from gpt2engine.tokenizer import END_OF_TEXT, unicode_to_byte
+    from gpt2engine.tokenizer import END_OF_TEXT, byte_to_unicode
 
-    symbols = sorted(unicode_to_byte(), key=unicode_to_byte().get)  # in byte order
+    symbols = byte_to_unicode()  # in byte order
     pairs = [(a, b) for a in symbols for b in symbols][: size - len(symbols) - 1]
     vocab = {s: i for i, s in enumerate([*symbols, *(a + b for a, b in pairs), END_OF_TEXT])}
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
@@ -83,8 +83,8 @@ def default_checkpoint() -> Path:
     import torch
 
     from gpt2engine.config import GPT2Config
-    from gpt2engine.kernels import cache_dir
     from gpt2engine.model import GPT2
+    from gpt2engine.native import cache_dir
 
     folder = cache_dir() / "bench" / "gpt2-124m-random"
     if (folder / "model.safetensors").is_file():
@@ -104,7 +104,7 @@ def default_checkpoint() -> Path:
 
 def artifacts_dir(checkpoint: Path) -> Path:
     """Where the peers' copies of a checkpoint go: keyed by its path and its weights' size and age."""
-    from gpt2engine.kernels import cache_dir
+    from gpt2engine.native import cache_dir
     from gpt2engine.weights import weight_files
 
     stamp = [str(checkpoint.resolve())] + [f"{f.stat().st_size}:{f.stat().st_mtime_ns}"
@@ -339,7 +339,7 @@ def run_child(engine: str, mode: str, path: Path, work: Workload) -> list[dict]:
 
 
 def cpu_summary() -> str:
-    from gpt2engine.kernels import cpu_flags
+    from gpt2engine.native import cpu_flags
 
     flags = set(cpu_flags().split())
     wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "neon", "asimd")

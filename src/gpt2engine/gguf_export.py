@@ -8,7 +8,6 @@ GPT-2's byte-level BPE vocabulary and merges. 2-D weights are written in the cho
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 from gpt2engine.errors import GPT2EngineError
 from gpt2engine.formats import dense_state_dict
 from gpt2engine.model import GPT2
-from gpt2engine.tokenizer import END_OF_TEXT, Tokenizer
+from gpt2engine.tokenizer import END_OF_TEXT, Tokenizer, read_vocabulary
 
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
 # our parameter name (after "h.{i}.") -> llama.cpp's tensor name (after "blk.{i}.")
@@ -47,17 +46,16 @@ def check_exportable(model: GPT2, tokenizer: Tokenizer) -> None:
 
 
 def vocabulary(tokenizer: Tokenizer) -> tuple[list[str], list[int], list[str]]:
-    """Token strings in id order (GPT-2's byte-level alphabet), their GGUF types, the merges."""
+    """Token strings in id order (GPT-2's byte-level alphabet), their GGUF types, the merges: read
+    again from the tokenizer's files (the tokenizer keeps only what encoding needs)."""
     import gguf
 
-    state = json.loads(tokenizer.backend.to_str())
-    vocab = {**state["model"]["vocab"], **{t["content"]: t["id"] for t in state.get("added_tokens", [])}}
+    vocab = read_vocabulary(tokenizer.folder)
     tokens = [""] * tokenizer.vocab_size
-    for text, token_id in vocab.items():
+    for text, token_id in {**vocab.tokens, **vocab.added}.items():
         tokens[token_id] = text
     types = [gguf.TokenType.CONTROL if t == END_OF_TEXT else gguf.TokenType.NORMAL for t in tokens]
-    merges = [m if isinstance(m, str) else " ".join(m) for m in state["model"]["merges"]]
-    return tokens, [int(t) for t in types], merges
+    return tokens, [int(t) for t in types], vocab.merges
 
 
 def export_gguf(model: GPT2, tokenizer: Tokenizer, path: str | Path, weight_type: str = "f32") -> None:

@@ -91,6 +91,12 @@ class Linear(nn.Linear):
         super().__init__(in_features, out_features, bias)
         self.register_buffer("scale", None)
 
+    def reset_parameters(self) -> None:
+        """nn.Linear's initialisation, skipped on the meta device as in embedding_init (there it
+        also brings in 1 MiB of torch's code)."""
+        if not self.weight.is_meta:
+            super().reset_parameters()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias, self.scale)
 

@@ -92,12 +92,16 @@ def large_buffers_returned() -> Iterator[None]:
     converted one after another leave a heap of freed ones behind (at the peak, 5% more memory for
     float32 weights, a quarter more for bfloat16). Afterwards the thresholds are where glibc's own
     rule ends up (32 MiB; trimming at twice that): the many temporaries of inference must come from
-    the heap, not from fresh pages. Elsewhere than glibc this does nothing."""
+    the heap, not from fresh pages. Before the weights come in, the free memory inside the heap
+    goes back too (malloc_trim): what earlier steps freed, such as the tokenizer's files parsed
+    (2.3 MiB for GPT-2's). Elsewhere than glibc this does nothing."""
     try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt, malloc_trim = libc.mallopt, libc.malloc_trim
     except (OSError, AttributeError):
         yield
         return
+    malloc_trim(0)
     mallopt(M_MMAP_THRESHOLD, 128 * 2**10)
     try:
         yield
@@ -106,16 +110,17 @@ def large_buffers_returned() -> Iterator[None]:
         mallopt(M_TRIM_THRESHOLD, 64 * 2**20)
 
 
-def read_safetensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """The tensors of a .safetensors file, each a view of a private memory map of it.
+def read_safetensors(file: Path) -> Iterator[tuple[str, torch.Tensor, tuple[int, int]]]:
+    """The tensors of a .safetensors file, each a view of a private memory map of it, with where
+    its bytes lie in the file (descriptor, offset; open while the tensors are being read).
 
     The format is a little-endian u64 header length, a JSON header of {name: dtype, shape,
-    data_offsets}, then the raw bytes. Mapping the file reads nothing up front; a float32 tensor
-    used as it is (the embeddings, the LayerNorms, the biases) is never copied, as llama.cpp and
-    transformers do, and the loader gives back the pages of each tensor it converts
-    (kernels.convert), so loading holds the weights once, never the file as well. The mapping is
-    copy-on-write: nothing is ever written to the file. (Replace a checkpoint under a running
-    engine by renaming a new file over it, as `gpt2 export` does, not by rewriting it in place.)
+    data_offsets}, then the raw bytes. Mapping the file reads nothing up front. On the CPU the
+    loader reads each tensor from the file instead (kernels.convert, read_at): through the map,
+    the kernel would map the page cache's large folios whole, the neighbours' pages with each
+    tensor's, and they would stay counted in this process. So loading holds the weights once,
+    never the file as well, and keeps no view of the map. The mapping is copy-on-write: nothing is
+    ever written to the file.
     """
     with open(file, "rb") as handle:
         size = file.stat().st_size
@@ -130,12 +135,12 @@ def read_safetensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
             if data_start + info["data_offsets"][1] > size:
                 raise ValueError(f"{key} ends past the end of the file (truncated?)")
         mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
-    for key, info in entries:
-        begin, end = info["data_offsets"]
-        dtype = SAFETENSORS_DTYPES[info["dtype"]]
-        raw = (torch.frombuffer(mapped, dtype=torch.uint8, count=end - begin, offset=data_start + begin)
-               if end > begin else torch.empty(0, dtype=torch.uint8))
-        yield key, raw.view(dtype).reshape(info["shape"])
+        for key, info in entries:
+            begin, end = info["data_offsets"]
+            dtype = SAFETENSORS_DTYPES[info["dtype"]]
+            raw = (torch.frombuffer(mapped, dtype=torch.uint8, count=end - begin, offset=data_start + begin)
+                   if end > begin else torch.empty(0, dtype=torch.uint8))
+            yield key, raw.view(dtype).reshape(info["shape"]), (handle.fileno(), data_start + begin)
 
 
 def read_pickled_state(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
@@ -154,40 +159,51 @@ def read_pickled_state(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
         yield key, value
 
 
-def read_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor, bool]]:
-    """Yield (key, tensor, whether it lies in a file mapping of ours whose pages may be given back
-    once it is converted) from each file; .bin files are unpickled with weights_only=True."""
+def read_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor, tuple[int, int] | None]]:
+    """Yield (key, tensor, where its bytes lie in a file that is open: descriptor, offset; None
+    when they do not lie there as they are) from each file; .bin files are unpickled with
+    weights_only=True."""
     for file in files:
         try:
             if file.suffix == ".safetensors":
-                yield from ((key, tensor, True) for key, tensor in read_safetensors(file))
+                yield from read_safetensors(file)
             else:
-                yield from ((key, tensor, False) for key, tensor in read_pickled_state(file))
+                yield from ((key, tensor, None) for key, tensor in read_pickled_state(file))
         except Exception as error:  # corrupt or truncated files fail in many library-specific ways
             reason = str(error).splitlines()[0] if str(error) else type(error).__name__
             raise GPT2EngineError(f"{file}: not a readable weight file ({reason})") from None
 
 
+def read_at(where: tuple[int, int], like: torch.Tensor) -> torch.Tensor:
+    """A copy of `like` (a view of a file's memory map) read from the file itself (pread at
+    where = (descriptor, offset)). A read through the map would have the kernel map the large
+    folio of the page cache around it whole: for a bias between two weights, up to 2 MiB of
+    their pages, counted in this process from then on (18 MiB over GPT-2 124M)."""
+    fd, offset = where
+    data = bytearray(like.numel() * like.element_size())
+    unread = memoryview(data)
+    while unread:
+        got = os.preadv(fd, [unread], offset)
+        if got <= 0:
+            raise OSError("the file ended before the tensor did")
+        unread, offset = unread[got:], offset + got
+    return torch.frombuffer(data, dtype=like.dtype).view(like.shape) if data else torch.empty(like.shape)
+
+
 def all_finite(tensor: torch.Tensor) -> bool:
-    """No NaN or inf, checked a million values at a time (torch.isfinite over a whole embedding
-    would make three temporaries its size, a third of the model's memory at the peak). A sum is
-    finite when every value is (NaN and inf carry through it), which is quick; only where a sum is
-    not, which large finite values can also cause, is each value looked at."""
-    parts = tensor.reshape(-1).split(2**20)
-    if bool(torch.isfinite(torch.stack([part.sum() for part in parts])).all()):
-        return True
-    return all(bool(torch.isfinite(part).all()) for part in parts)
+    """No NaN or inf, in one scan of the values (kernels.rows_finite): no temporaries the size of
+    the tensor, and none of torch's reductions (their code is 4 MiB of memory the first time)."""
+    return tensor.numel() == 0 or bool(kernels.rows_finite(tensor.reshape(1, -1), tensor.numel())[0])
 
 
 def convert_checkpoint(
-    tensors: Iterator[tuple[str, torch.Tensor, bool]], model: GPT2, dtype: torch.dtype,
+    tensors: Iterator[tuple[str, torch.Tensor, tuple[int, int] | None]], model: GPT2, dtype: torch.dtype,
     device: torch.device | str, weight_format: str | None = None,
 ) -> dict[str, torch.Tensor]:
     """Map Hugging Face keys onto `model`'s parameters, transposing Conv1D and checking shapes;
     with a weight format, the weights it applies to are encoded one by one as they are read. On
-    the CPU the weights a decode step streams are written into one block of huge pages (arena.py);
-    a tensor that needs no change otherwise (LayerNorms, biases, positions) is used where the
-    reader put it.
+    the CPU the weights a decode step streams are written into one block of huge pages (arena.py),
+    and the rest (LayerNorms, biases, positions) is read from the file as it is.
 
     Shapes are compared in the checkpoint's own layout, so a message names the key and the
     shape exactly as they appear in the file.
@@ -208,7 +224,7 @@ def convert_checkpoint(
                       + (padded(4 * shape[0]) if fmt == "int8" else 0) for shape in streamed.values()))
     state: dict[str, torch.Tensor] = {}
     problems: list[str] = []
-    for key, tensor, mapped in tensors:
+    for key, tensor, where in tensors:
         name = key.removeprefix(PREFIX)
         if name.endswith(MASK_BUFFERS) or (name == TIED_HEAD and tied):
             continue  # masks we build ourselves; the head is the token embedding
@@ -222,11 +238,16 @@ def convert_checkpoint(
             problems.append(f"{key} has dtype {str(tensor.dtype).removeprefix('torch.')}; weights "
                             "must be floating point")
             continue
-        converted = (kernels.convert(tensor, fmt, is_conv1d(name), release=mapped, arena=block)
-                     if name in streamed else None)  # one pass, every thread
+        try:
+            converted = (kernels.convert(tensor, fmt, is_conv1d(name), file=where, arena=block)
+                         if name in streamed else None)  # one pass, every thread
+            if converted is None and where is not None and on_cpu:
+                tensor = read_at(where, tensor)  # as kernels.convert reads it: not through the map
+        except OSError as error:
+            raise GPT2EngineError(f"{key}: {error}") from None
         if converted is not None:
             state[name], scale, finite = converted
-        else:  # what needs no change stays where the reader put it (a view of the file's mapping)
+        else:
             finite = all_finite(tensor)
             tensor = (tensor.t() if is_conv1d(name) else tensor).to(device=device, dtype=dtype)
             if name in encoded:

@@ -1,62 +1,36 @@
 """Kernels of our own for the CPU, torch as the fallback: the linear layers (linear.c), a whole
 decode step in one call (step.c, with attention.c; its Python side is step.py), a prefill chunk's
 causal attention (attention.c) and GELU (linear.c), the scans of the logits that sampling needs
-(rows.c), and the conversion of a checkpoint's tensors while loading (convert.c).
+(rows.c), the conversion of a checkpoint's tensors while loading (convert.c), and the tokenizer's
+BPE (bpe.c, used by tokenizer.py).
 
 torch's float32 kernels stream the weights at about half the memory bandwidth when a decode
 step multiplies them by a few rows, and have none for float32 activations against bfloat16 or
 int8 weights (formats.py). linear.c reads each weight once per step at close to the bandwidth,
 in any of the three formats, and computes every row the same way whatever the batch (batch
 invariance); longer products go to torch's GEMMs (`gemm`). The sources are compiled on first use
-with the machine's C compiler (`-O3 -march=native -fopenmp`; GPT2ENGINE_MARCH names another level)
-into a cache keyed by the sources, the flags, the compiler and the CPU's feature flags, so a build
-for one CPU is never loaded on another. No compiler, a failed build, `GPT2ENGINE_KERNELS=0`:
-torch's F.linear (over the decoded weights for the smaller formats: correct, not fast),
-scaled_dot_product_attention and the rest.
+(native.py). No compiler, a failed build, `GPT2ENGINE_KERNELS=0`: torch's F.linear (over the
+decoded weights for the smaller formats: correct, not fast), scaled_dot_product_attention and the
+rest.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import math
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from gpt2engine.arena import Arena
 from gpt2engine.formats import STORAGE, decode
+from gpt2engine.native import cpu_flags, library
 
-HERE = Path(__file__).parent
-SOURCES = tuple(HERE / name for name in ("linear.c", "attention.c", "step.c", "rows.c", "convert.c"))
-HEADERS = (HERE / "kernels.h", HERE / "vec.h", HERE / "linear_body.h", HERE / "linear_vnni.h")
-FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]  # and -march=$GPT2ENGINE_MARCH, by default native
 MAX_ROWS = 128  # beyond this (long prefill chunks, evaluation windows) a GEMM is the faster one
 MAX_ATTENTION_SLOTS = 8192  # attention.c keeps a row's scores on the stack
 FORMAT_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}  # kernels.h, by storage dtype
-
-
-def cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
-    except OSError:
-        pass
-    return platform.processor()
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("GPT2ENGINE_CACHE") or os.environ.get("XDG_CACHE_HOME") or "~/.cache"
-    return Path(root).expanduser() / "gpt2engine"
 
 
 @dataclass(frozen=True)
@@ -76,29 +50,13 @@ class Kernels:
 @functools.cache
 def compiled() -> Kernels | None:
     """The kernels as ctypes functions, built on first use; None if they cannot be had here."""
-    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
-    if os.environ.get("GPT2ENGINE_KERNELS", "1") == "0" or compiler is None or platform.system() != "Linux":
-        return None
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    flags = [*FLAGS, f"-march={os.environ.get('GPT2ENGINE_MARCH', 'native')}"]  # another: a fleet's floor
-    key = hashlib.sha256("\n".join([*(s.read_text() for s in SOURCES + HEADERS), " ".join(flags),
-                                    version, cpu_flags()]).encode()).hexdigest()[:16]
-    library = cache_dir() / f"kernels-{key}.so"
-    try:
-        if not library.is_file():
-            library.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=library.parent) as scratch:
-                built = Path(scratch) / library.name
-                subprocess.run([compiler, *flags, *map(str, SOURCES), "-o", str(built)], check=True,
-                               capture_output=True, timeout=120)
-                os.replace(built, library)
-        shared = ctypes.CDLL(str(library))
-    except (OSError, subprocess.SubprocessError):
+    if (shared := library()) is None:
         return None
     pointer, number = ctypes.c_void_p, ctypes.c_int
     shared.gpt2engine_linear.argtypes = [pointer, pointer, number, *[pointer] * 3, *[number] * 4]
     shared.gpt2engine_linear.restype = None
-    shared.gpt2engine_convert.argtypes = [pointer, *[number] * 4, pointer, pointer, number, number]
+    shared.gpt2engine_convert.argtypes = [pointer, number, ctypes.c_int64, *[number] * 4, pointer, pointer,
+                                          number]
     shared.gpt2engine_convert.restype = number
     shared.gpt2engine_prefill_attention.argtypes = [*[pointer] * 4, *[number] * 5, ctypes.c_float, number]
     shared.gpt2engine_prefill_attention.restype = number
@@ -234,21 +192,25 @@ def prefill_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     return out
 
 
-def convert(source: torch.Tensor, fmt: str, transpose: bool, release: bool = False,
+def convert(source: torch.Tensor, fmt: str, transpose: bool, file: tuple[int, int] | None = None,
             arena: Arena | None = None) -> tuple[torch.Tensor, torch.Tensor | None, bool] | None:
     """A checkpoint's float32 tensor (rows, cols) as a weight in `fmt` (formats.py), transposed
     to (cols, rows) for a Conv1D, in one pass on every thread (convert.c): (the weight, its
     per-row scale or None, whether every value was finite), the same bits as formats.encode. With
-    `release`, `source` lies in a private file mapping whose pages are given back as they are
-    read. The weight and its scale are written into `arena` if one is given.
-    None where the kernels cannot (then: formats.encode)."""
+    `file` (descriptor, byte offset), the values are read from there (pread), and `source` (a
+    memory map of them) gives only the shape: its pages are never touched. The weight and its
+    scale are written into `arena` if one is given. None where the kernels cannot (then:
+    formats.encode); OSError if the file cannot be read."""
     if (kernels := kernels_for(source)) is None or source.dim() != 2:
         return None
     rows, cols = source.shape
     empty = (arena or Arena(0)).empty
     stored = empty((cols, rows) if transpose else (rows, cols), STORAGE[fmt])
     scale = empty((stored.shape[0],), torch.float32) if fmt == "int8" else None
-    finite = kernels.convert(source.data_ptr(), rows, cols, int(transpose), FORMAT_CODES[stored.dtype],
-                             stored.data_ptr(), None if scale is None else scale.data_ptr(), int(release),
-                             torch.get_num_threads())
+    fd, offset = file or (-1, 0)
+    finite = kernels.convert(None if file else source.data_ptr(), fd, offset, rows, cols, int(transpose),
+                             FORMAT_CODES[stored.dtype], stored.data_ptr(),
+                             None if scale is None else scale.data_ptr(), torch.get_num_threads())
+    if finite < 0:
+        raise OSError("the weights could not be read")
     return stored, scale, bool(finite)
