@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -135,8 +136,8 @@ def test_the_file_is_never_written_and_no_weight_shares_storage(checkpoint, dtyp
 def test_on_the_cpu_no_weight_is_a_view_of_the_file(checkpoint, dtype):
     """Every tensor is read from the file, none through its memory map (read_safetensors)."""
     model = GPT2.from_pretrained(checkpoint, dtype=dtype)
-    maps = [line.split()[0].split("-") for line in open("/proc/self/maps", encoding="utf-8")
-            if line.rstrip().endswith("model.safetensors")]
+    maps = [line.split()[0].split("-") for line in Path("/proc/self/maps").read_text().splitlines()
+            if line.endswith("model.safetensors")]
     ranges = [(int(low, 16), int(high, 16)) for low, high in maps]
     assert not [name for name, t in model.state_dict().items()
                 if any(low <= t.data_ptr() < high for low, high in ranges)]

@@ -48,6 +48,15 @@ static const float *source_rows(const Source *s, int first, int count, float *bu
     return buffer;
 }
 
+/* The next source rows of a thread's share [i, last), BLOCK at most, into *rows: how many, 0 at
+ * its end or if the file cannot be read (then *readable = 0). */
+static int next_rows(const Source *s, int i, int last, float *buffer, const float **rows, int *readable) {
+    int count = last - i < BLOCK ? last - i : BLOCK;
+    if (count <= 0 || !*readable) return 0;
+    if (!(*rows = source_rows(s, i, count, buffer))) *readable = 0;
+    return *rows ? count : 0;
+}
+
 /* float32 -> bfloat16, rounded to nearest even (as torch; the values are finite). */
 static inline uint16_t to_bf16(float f) {
     uint32_t bits;
@@ -90,7 +99,7 @@ static inline void encode_value(float w, int format, void *dst, size_t i, float 
     }
 }
 
-enum { NOT_FINITE = 0, FINITE = 1, UNREADABLE = -1 };
+enum { UNREADABLE = -1 };  /* what a conversion returns besides 1 (all finite) and 0 */
 
 /* dst = src in `format`: each thread encodes its share of the rows, BLOCK at a time. */
 static int convert_rows(const Source *src, int rows, int format, void *dst, float *scale, int threads) {
@@ -101,17 +110,12 @@ static int convert_rows(const Source *src, int rows, int format, void *dst, floa
         int t = omp_get_thread_num(), nt = omp_get_num_threads();
         int first = (int)((long)rows * t / nt), last = (int)((long)rows * (t + 1) / nt);
         float *buffer = src->memory ? NULL : malloc(sizeof(float) * BLOCK * cols);
-        for (int o = first; o < last && readable; o += BLOCK) {
-            int count = last - o < BLOCK ? last - o : BLOCK;
-            const float *block = src->memory || buffer ? source_rows(src, o, count, buffer) : NULL;
-            if (!block) {
-                readable = 0;
-                break;
-            }
+        const float *block;
+        readable = src->memory || buffer;
+        for (int o = first, count; (count = next_rows(src, o, last, buffer, &block, &readable)); o += count)
             for (int r = 0; r < count; r++)
                 finite &= encode_row(block + (size_t)r * cols, cols, format,
                                      (char *)dst + (size_t)(o + r) * cols * width, scale ? scale + o + r : NULL);
-        }
         free(buffer);
     }
     return readable ? finite : UNREADABLE;
@@ -129,23 +133,17 @@ static int convert_transposed(const Source *src, int rows, int format, void *dst
         int t = omp_get_thread_num(), nt = omp_get_num_threads();
         int first = (int)((long)rows * t / nt), last = (int)((long)rows * (t + 1) / nt);
         float *buffer = src->memory ? NULL : malloc(sizeof(float) * BLOCK * cols);
+        const float *block;
         readable = src->memory || buffer;
         if (top) {
             float *mine = top + (size_t)t * cols;
-            for (int i = first; i < last && readable; i += BLOCK) {
-                int count = last - i < BLOCK ? last - i : BLOCK;
-                const float *block = source_rows(src, i, count, buffer);
-                if (!block) {
-                    readable = 0;
-                    break;
-                }
+            for (int i = first, count; (count = next_rows(src, i, last, buffer, &block, &readable)); i += count)
                 for (int r = 0; r < count; r++)
                     for (int o = 0; o < cols; o++) {
                         float w = block[(size_t)r * cols + o];
                         finite &= isfinite(w) != 0;
                         mine[o] = fabsf(w) > mine[o] ? fabsf(w) : mine[o];
                     }
-            }
             #pragma omp barrier
             #pragma omp for
             for (int o = 0; o < cols; o++) {
@@ -155,13 +153,7 @@ static int convert_transposed(const Source *src, int rows, int format, void *dst
             }  /* the loop's implied barrier: every scale is set before any is used */
         }
         float tile[BLOCK][BLOCK];
-        for (int i = first; i < last && readable; i += BLOCK) {
-            int count = last - i < BLOCK ? last - i : BLOCK;
-            const float *block = source_rows(src, i, count, buffer);
-            if (!block) {
-                readable = 0;
-                break;
-            }
+        for (int i = first, count; (count = next_rows(src, i, last, buffer, &block, &readable)); i += count) {
             for (int o = 0; o < cols; o += BLOCK) {
                 int span = cols - o < BLOCK ? cols - o : BLOCK;
                 for (int r = 0; r < count; r++)
