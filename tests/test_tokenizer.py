@@ -155,6 +155,20 @@ def test_stream_decoder_flushes_a_broken_character_as_replacement(tokenizer):
     assert stream.flush() == "\ufffd"
 
 
+def test_tokenizer_json_without_added_tokens(tmp_path, reference):
+    """No <|endoftext|> then: its text is ordinary text, as `tokenizers` reading the file has it."""
+    from tokenizers import Tokenizer as Backend
+
+    reference.backend_tokenizer.save(str(tmp_path / "tokenizer.json"))
+    state = json.loads((tmp_path / "tokenizer.json").read_text(encoding="utf-8"))
+    state["added_tokens"] = []
+    (tmp_path / "tokenizer.json").write_text(json.dumps(state), encoding="utf-8")
+    ours, theirs = Tokenizer.from_pretrained(tmp_path), Backend.from_file(str(tmp_path / "tokenizer.json"))
+    text = "before<|endoftext|>after"
+    assert ours.encode(text) == theirs.encode(text, add_special_tokens=False).ids
+    assert 50256 not in ours.encode(text)
+
+
 def test_tokenizer_json_that_is_not_gpt2s_bpe_is_refused(tmp_path, reference):
     reference.backend_tokenizer.save(str(tmp_path / "tokenizer.json"))
     state = json.loads((tmp_path / "tokenizer.json").read_text(encoding="utf-8"))

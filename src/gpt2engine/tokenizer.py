@@ -108,7 +108,8 @@ def read_tokenizer_json(path: Path) -> Vocabulary:
     if any(not isinstance(m, str) or m.count(" ") != 1 for m in merges):
         raise GPT2EngineError(f"{path}: a merge is not a pair of tokens without spaces")
     check_tokens(tokens, str(path))
-    check_tokens(added, str(path))
+    if added:  # (a tokenizer.json may have none)
+        check_tokens(added, str(path))
     return Vocabulary(tokens, merges, added, bool(pre.get("add_prefix_space")))
 
 
