@@ -180,7 +180,7 @@ class NativeBPE:
 
     def __call__(self, text: str) -> list[int]:
         data = text.encode()
-        ids = array("i", bytes(4 * len(data)))  # (an array, not a ctypes type made per length)
+        ids = array("i", [0]) * len(data)  # (an array, not a ctypes type made per length)
         count = self.shared.gpt2engine_bpe_encode(self.handle, data, len(data), ids.buffer_info()[0])
         if count < 0:
             raise MemoryError("no memory to tokenize the text")
