@@ -24,7 +24,7 @@ import transformers
 
 from gpt2engine import GPT2, Tokenizer
 from gpt2engine.engine import Engine, GenerationOptions
-from gpt2engine.sampling import SamplingParams
+from gpt2engine.sampling_params import SamplingParams
 
 PROMPT, NEW, RUNS = 16, 128, 3
 MODELS = {"124M": dict(n_embd=768, n_layer=12, n_head=12), "1.5B": dict(n_embd=1600, n_layer=48, n_head=25)}

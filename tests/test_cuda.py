@@ -15,7 +15,7 @@ from conftest import GPT2_124M, hf_model
 from gpt2engine import GPT2, Tokenizer
 from gpt2engine.engine import Engine, GenerationOptions
 from gpt2engine.generate import complete
-from gpt2engine.sampling import SamplingParams
+from gpt2engine.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
 GREEDY = SamplingParams(temperature=0)

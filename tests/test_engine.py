@@ -9,7 +9,7 @@ from gpt2engine import GPT2, GPT2EngineError
 from gpt2engine.engine import Engine, GenerationOptions, QueueFull
 from gpt2engine.evaluation import Span, score_spans
 from gpt2engine.generate import complete
-from gpt2engine.sampling import SamplingParams
+from gpt2engine.sampling_params import SamplingParams
 
 GREEDY = SamplingParams(temperature=0)
 PROMPTS = [

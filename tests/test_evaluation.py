@@ -25,7 +25,7 @@ from gpt2engine.evaluation import (
     split_request,
 )
 from gpt2engine.generate import GenerationOptions, complete
-from gpt2engine.sampling import SamplingParams
+from gpt2engine.sampling_params import SamplingParams
 
 ROOT = Path(__file__).resolve().parent.parent
 LAMBADA = ROOT / "examples" / "lambada.jsonl"

@@ -6,7 +6,7 @@ import torch
 from gpt2engine import GPT2EngineError
 from gpt2engine.engine.request import TextState
 from gpt2engine.generate import GenerationOptions, complete, stream
-from gpt2engine.sampling import SamplingParams
+from gpt2engine.sampling_params import SamplingParams
 
 PROMPTS = ["Hello world, this is", "The", "A longer prompt, with quite a few more tokens in it than the rest"]
 GREEDY = SamplingParams(temperature=0)

@@ -8,7 +8,7 @@ from test_engine import MIXED
 from gpt2engine import GPT2, Tokenizer
 from gpt2engine.engine import Engine, GenerationOptions
 from gpt2engine.engine.graphs import GraphedDecode, buckets
-from gpt2engine.sampling import SamplingParams
+from gpt2engine.sampling_params import SamplingParams
 
 CONTEXT = 300  # slot buckets 128, 256, 300: a context that is not a power of two
 PROMPTS = ["Hello world, this is", "The", "word " * 120, "Once upon a time", "x y " * 125, "1, 2, 3, 4,"]

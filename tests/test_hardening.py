@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from conftest import TINY_GPT2
 from gpt2engine import GPT2, GPT2EngineError, Tokenizer
 from gpt2engine.generate import GenerationOptions, complete
-from gpt2engine.sampling import SamplingParams
+from gpt2engine.sampling_params import SamplingParams
 from gpt2engine.weights import read_tensors
 
 GPT2_COMMAND = str(Path(sys.executable).parent / "gpt2")
@@ -354,10 +354,10 @@ def test_mutated_safetensors_are_read_or_refused_in_one_line(small_safetensors, 
     assert sum(t.numel() * t.element_size() for t in tensors.values()) <= os.path.getsize(path)
 
 
-def test_ctrl_c_while_torch_is_still_importing_is_quiet():
+def test_ctrl_c_while_torch_is_still_importing_is_quiet(tiny_checkpoint):
     import signal
 
-    process = subprocess.Popen([GPT2_COMMAND, "generate", "Hi", "--model", "/no/such/model"],
+    process = subprocess.Popen([GPT2_COMMAND, "generate", "Hi", "--model", str(tiny_checkpoint)],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(0.8)  # past the interpreter's start, inside `import torch` (about 2 s here)
     process.send_signal(signal.SIGINT)

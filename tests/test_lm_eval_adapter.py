@@ -13,7 +13,7 @@ import pytest
 from gpt2engine import GPT2, Tokenizer
 from gpt2engine.evaluation import loglikelihood_rolling
 from gpt2engine.generate import GenerationOptions, complete
-from gpt2engine.sampling import SamplingParams
+from gpt2engine.sampling_params import SamplingParams
 
 ROOT = Path(__file__).resolve().parent.parent
 GPT2_COMMAND = str(Path(sys.executable).parent / "gpt2")

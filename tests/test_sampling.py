@@ -13,7 +13,6 @@ from transformers import (
 
 from gpt2engine import GPT2EngineError
 from gpt2engine.sampling import (
-    SamplingParams,
     apply_min_p,
     apply_penalties,
     apply_repetition_penalty,
@@ -26,6 +25,7 @@ from gpt2engine.sampling import (
     mix64,
     process_logits,
 )
+from gpt2engine.sampling_params import SamplingParams
 
 VOCAB = 500
 

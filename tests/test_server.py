@@ -18,7 +18,7 @@ from test_lm_eval_adapter import LM_EVAL_COMMAND, harness
 
 from gpt2engine.evaluation import Span, score_spans
 from gpt2engine.generate import GenerationOptions, complete
-from gpt2engine.sampling import SamplingParams
+from gpt2engine.sampling_params import SamplingParams
 
 GPT2_COMMAND = str(Path(sys.executable).parent / "gpt2")
 NAME = "tiny-gpt2"

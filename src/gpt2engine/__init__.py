@@ -21,7 +21,7 @@ _EXPORTS = {
     "GenerationResult": "gpt2engine.engine",
     "complete": "gpt2engine.generate",
     "stream": "gpt2engine.generate",
-    "SamplingParams": "gpt2engine.sampling",
+    "SamplingParams": "gpt2engine.sampling_params",
     "Tokenizer": "gpt2engine.tokenizer",
 }
 __all__ = sorted(_EXPORTS)
@@ -43,5 +43,5 @@ if TYPE_CHECKING:  # the same names, for type checkers and editors
     from gpt2engine.generate import stream as stream
     from gpt2engine.model import GPT2 as GPT2
     from gpt2engine.model import KVCache as KVCache
-    from gpt2engine.sampling import SamplingParams as SamplingParams
+    from gpt2engine.sampling_params import SamplingParams as SamplingParams
     from gpt2engine.tokenizer import Tokenizer as Tokenizer

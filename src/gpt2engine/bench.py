@@ -151,7 +151,7 @@ class Ours:
 
     def generate(self, prompts: list[list[int]], new_tokens: int) -> tuple[float, float]:
         from gpt2engine.engine import GenerationOptions
-        from gpt2engine.sampling import SamplingParams
+        from gpt2engine.sampling_params import SamplingParams
 
         options = GenerationOptions(max_new_tokens=new_tokens, sampling=SamplingParams(temperature=0),
                                     ignore_eos=True)

@@ -94,7 +94,7 @@ def add_generation_flags(parser: argparse.ArgumentParser, inherit: bool = False)
 
 def generation_options(args: argparse.Namespace):
     from gpt2engine.engine import GenerationOptions
-    from gpt2engine.sampling import SamplingParams
+    from gpt2engine.sampling_params import SamplingParams
 
     sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                               min_p=args.min_p, repetition_penalty=args.repetition_penalty,
@@ -157,9 +157,10 @@ def respond(engine, prompt: str, options, stats: bool, show: bool = True) -> Gen
 
 def load_engine(args: argparse.Namespace):
     """One engine with one cache row: the REPL and `gpt2 generate` answer one prompt at a time."""
-    from gpt2engine.engine import Engine
+    model, tokenizer = load(args)
+    from gpt2engine.engine import Engine  # after loading, which parses the tokenizer before torch
 
-    return Engine(*load(args), max_batch=1, cuda_graphs=args.cuda_graphs)
+    return Engine(model, tokenizer, max_batch=1, cuda_graphs=args.cuda_graphs)
 
 
 def run_repl(args: argparse.Namespace) -> int:
@@ -542,7 +543,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
         parser.error(f"--max-replicas {args.max_replicas} is below --min-replicas {args.min_replicas}")
     if hasattr(args, "temperature"):
         try:
-            args.options = generation_options(args)  # imports torch
+            args.options = generation_options(args)
         except GPT2EngineError as error:  # a flag value out of range is a command-line error
             parser.error(str(error))
     return args

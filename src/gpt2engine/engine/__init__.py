@@ -1,15 +1,42 @@
 """The continuous-batching engine: request.py (what is asked), scheduler.py (who runs when),
-runner.py (the tensors), engine.py (the loop)."""
+runner.py (the tensors), engine.py (the loop).
 
-from gpt2engine.engine.engine import Engine, fit_prompt, prompt_ids
-from gpt2engine.engine.request import (
-    GenerationOptions,
-    GenerationResult,
-    Request,
-    StepOutput,
-    TokenLogprob,
-)
-from gpt2engine.engine.scheduler import QueueFull
+The names below are imported on first use, so request.py's plain-Python options can be checked
+(the CLI's flags, before the tokenizer is parsed) without importing torch.
+"""
 
-__all__ = ["Engine", "GenerationOptions", "GenerationResult", "QueueFull", "Request", "StepOutput",
-           "TokenLogprob", "fit_prompt", "prompt_ids"]
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+_EXPORTS = {
+    "Engine": "gpt2engine.engine.engine",
+    "fit_prompt": "gpt2engine.engine.engine",
+    "prompt_ids": "gpt2engine.engine.engine",
+    "GenerationOptions": "gpt2engine.engine.request",
+    "GenerationResult": "gpt2engine.engine.request",
+    "Request": "gpt2engine.engine.request",
+    "StepOutput": "gpt2engine.engine.request",
+    "TokenLogprob": "gpt2engine.engine.request",
+    "QueueFull": "gpt2engine.engine.scheduler",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'gpt2engine.engine' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
+
+
+if TYPE_CHECKING:  # the same names, for type checkers and editors
+    from gpt2engine.engine.engine import Engine as Engine
+    from gpt2engine.engine.engine import fit_prompt as fit_prompt
+    from gpt2engine.engine.engine import prompt_ids as prompt_ids
+    from gpt2engine.engine.request import GenerationOptions as GenerationOptions
+    from gpt2engine.engine.request import GenerationResult as GenerationResult
+    from gpt2engine.engine.request import Request as Request
+    from gpt2engine.engine.request import StepOutput as StepOutput
+    from gpt2engine.engine.request import TokenLogprob as TokenLogprob
+    from gpt2engine.engine.scheduler import QueueFull as QueueFull

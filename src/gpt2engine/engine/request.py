@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from gpt2engine.errors import GPT2EngineError
-from gpt2engine.sampling import SamplingParams
+from gpt2engine.sampling_params import SamplingParams
 from gpt2engine.tokenizer import StreamDecoder, Tokenizer
 
 FinishReason = Literal["stop", "length", "abort", "error"]

@@ -18,7 +18,8 @@ from gpt2engine.engine.request import Request, TokenLogprob
 from gpt2engine.kernels import rows_argmax, rows_finite
 from gpt2engine.kernels.step import DecodeStep
 from gpt2engine.model import GPT2
-from gpt2engine.sampling import RowSettings, SamplingParams, as_int64, draw, process_rows
+from gpt2engine.sampling import RowSettings, as_int64, draw, process_rows
+from gpt2engine.sampling_params import SamplingParams
 
 # Every step of the sampling pipeline, run once by warm_up
 WARM_UP_SAMPLING = SamplingParams(temperature=0.8, top_k=40, top_p=0.9, min_p=0.05, repetition_penalty=1.1,

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from gpt2engine.engine import GenerationOptions, Request, StepOutput, TokenLogprob
 from gpt2engine.errors import GPT2EngineError
-from gpt2engine.sampling import MAX_SEED, SamplingParams
+from gpt2engine.sampling_params import MAX_SEED, SamplingParams
 from gpt2engine.tokenizer import Tokenizer
 
 MAX_N = 16  # choices per prompt
