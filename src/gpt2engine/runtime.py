@@ -84,13 +84,13 @@ def load_pretrained(
     # A broken tokenizer fails before the weights load. Parsed before torch is imported, the
     # parse's freed Python objects leave room that torch's import fills (4 MiB less at the peak).
     tokenizer = Tokenizer.from_pretrained(folder)
+    from gpt2engine.weights import load_model  # it imports torch, so after the tokenizer
+
     target = pick_device(device)
     compute, weight_format = pick_dtype(dtype, target)
     mode = weight_format or str(compute).removeprefix("torch.")
     where = str(folder) if str(folder) == str(name_or_path) else f"{name_or_path} ({folder})"
     say(f"Loading weights from {where} on {target}, {mode}...")
-    from gpt2engine.weights import load_model  # (here: it imports torch, which waits for the tokenizer)
-
     model = load_model(folder, dtype=compute, device=target, weight_format=weight_format)
     check_vocabularies(model, tokenizer)
     say(f"Weights loaded successfully ({model.config.parameter_count() / 1e6:.0f}M parameters, "

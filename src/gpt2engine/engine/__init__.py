@@ -7,8 +7,9 @@ The names below are imported on first use, so request.py's plain-Python options 
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from gpt2engine import lazy_exports
 
 _EXPORTS = {
     "Engine": "gpt2engine.engine.engine",
@@ -24,10 +25,7 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'gpt2engine.engine' has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)
 
 
 if TYPE_CHECKING:  # the same names, for type checkers and editors
