@@ -12,7 +12,6 @@
  */
 #include <errno.h>
 #include <math.h>
-#include <float.h>
 #include <omp.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -64,30 +63,7 @@ static inline uint16_t to_bf16(float f) {
     return (uint16_t)((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
 }
 
-/* One output row of n values in `format`; 0 if one of them is NaN or infinite. */
-static int encode_row(const float *w, int n, int format, void *dst, float *scale) {
-    int finite = 1;
-    float top = 0.0f;
-    for (int i = 0; i < n; i++) {
-        finite &= isfinite(w[i]) != 0;
-        top = fabsf(w[i]) > top ? fabsf(w[i]) : top;
-    }
-    if (format == FORMAT_F32) {
-        memcpy(dst, w, sizeof(float) * n);
-    } else if (format == FORMAT_BF16) {
-        for (int i = 0; i < n; i++) ((uint16_t *)dst)[i] = to_bf16(w[i]);
-    } else {  /* symmetric: scale = max |w| / 127, q = round(w / scale), half to even */
-        float s = (top > FLT_MIN ? top : FLT_MIN) / 127.0f;
-        for (int i = 0; i < n; i++) {
-            float q = nearbyintf(w[i] / s);
-            ((int8_t *)dst)[i] = (int8_t)(q > 127.0f ? 127.0f : q < -127.0f ? -127.0f : q);
-        }
-        *scale = s;
-    }
-    return finite;
-}
-
-/* The value w of a row whose scale is s, in `format`, at dst[i]: encode_row's rounding. */
+/* The value w of a row whose scale is s, in `format`, at dst[i]: int8 as round(w / s), half to even. */
 static inline void encode_value(float w, int format, void *dst, size_t i, float s) {
     if (format == FORMAT_F32) {
         ((float *)dst)[i] = w;
@@ -97,6 +73,19 @@ static inline void encode_value(float w, int format, void *dst, size_t i, float 
         float q = nearbyintf(w / s);
         ((int8_t *)dst)[i] = (int8_t)(q > 127.0f ? 127.0f : q < -127.0f ? -127.0f : q);
     }
+}
+
+/* One output row of n values in `format` (and its scale in int8); 0 if one of them is NaN or infinite. */
+static int encode_row(const float *w, int n, int format, void *dst, float *scale) {
+    int finite = 1;
+    float top = 0.0f, s = 0.0f;
+    for (int i = 0; i < n; i++) {
+        finite &= isfinite(w[i]) != 0;
+        top = fabsf(w[i]) > top ? fabsf(w[i]) : top;
+    }
+    if (format == FORMAT_I8) *scale = s = int8_scale(top);
+    for (int i = 0; i < n; i++) encode_value(w[i], format, dst, (size_t)i, s);
+    return finite;
 }
 
 enum { UNREADABLE = -1 };  /* what a conversion returns besides 1 (all finite) and 0 */
@@ -149,7 +138,7 @@ static int convert_transposed(const Source *src, int rows, int format, void *dst
             for (int o = 0; o < cols; o++) {
                 float s = 0.0f;
                 for (int k = 0; k < nt; k++) s = top[(size_t)k * cols + o] > s ? top[(size_t)k * cols + o] : s;
-                scale[o] = (s > FLT_MIN ? s : FLT_MIN) / 127.0f;
+                scale[o] = int8_scale(s);
             }  /* the loop's implied barrier: every scale is set before any is used */
         }
         float tile[BLOCK][BLOCK];

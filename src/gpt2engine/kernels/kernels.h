@@ -3,9 +3,16 @@
  * inside its one parallel region. */
 #ifndef GPT2ENGINE_KERNELS_H
 #define GPT2ENGINE_KERNELS_H
+#include <float.h>
 #include <stdint.h>
 
 enum { FORMAT_F32 = 0, FORMAT_BF16 = 1, FORMAT_I8 = 2 };  /* formats.py's FORMATS, in order */
+
+/* The scale of a row quantized to int8 (symmetric, q in [-127, 127]) whose largest magnitude is
+ * top: int8 weights (convert.c) and int8 activations (linear_vnni.h) alike. */
+static inline float int8_scale(float top) {
+    return (top > FLT_MIN ? top : FLT_MIN) / 127.0f;
+}
 enum { STORE = 0, ADD = 1, GELU_TANH = 2, GELU_ERF = 3 };  /* y = v, y += v, y = gelu(v) */
 
 /* W: (out, in) row-major in `format`; scale: (out,) or NULL (w[o] = scale[o] * W[o]); bias: (out,) or NULL. */

@@ -10,7 +10,6 @@
  * the products i = l, l + VL, ...) and the lanes are added in a fixed order, in both routines, so a
  * row gives bit-identical results alone or in any batch.
  */
-#include <float.h>
 #include <math.h>
 #include <omp.h>
 #include <stddef.h>

@@ -33,7 +33,7 @@ static void quantize_rows(const float *x, int M, int in, int n_vec, int8_t *xq, 
             top = fabsf(row[j]) > top ? fabsf(row[j]) : top;
             finite &= isfinite(row[j]) != 0;
         }
-        float s = finite ? (top > FLT_MIN ? top : FLT_MIN) / 127.0f : NAN;  /* NaN in, NaN out */
+        float s = finite ? int8_scale(top) : NAN;  /* NaN in, NaN out */
         xs[m] = s;
         if (!finite) {
             memset(q, 0, (size_t)in);
