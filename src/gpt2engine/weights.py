@@ -187,7 +187,7 @@ def read_at(where: tuple[int, int], like: torch.Tensor) -> torch.Tensor:
         if got <= 0:
             raise OSError("the file ended before the tensor did")
         unread, offset = unread[got:], offset + got
-    return torch.frombuffer(data, dtype=like.dtype).view(like.shape) if data else torch.empty(like.shape)
+    return torch.frombuffer(data, dtype=like.dtype).view(like.shape) if data else torch.empty_like(like)
 
 
 def all_finite(tensor: torch.Tensor) -> bool:
