@@ -54,7 +54,7 @@ def test_matches_torchs_path_and_writes_the_same_cache(checkpoints, variant, fmt
     for _ in range(4):  # a few steps, each fed the tokens both paths chose
         fused = step(tokens, positions)
         expected = torch_step(model, torch_cache, tokens, positions)
-        # int8 on VNNI: activations are quantized after a LayerNorm whose last bit may differ
+        # int8: activations are quantized after a LayerNorm whose last bit may differ
         tolerance = (1e-4 if fmt != "int8" else 2e-3) * max(1.0, expected.abs().max().item())
         assert fused.shape == expected.shape and (fused - expected).abs().max() <= tolerance
         for ours, theirs in zip(fused_cache, torch_cache, strict=True):

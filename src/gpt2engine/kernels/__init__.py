@@ -42,9 +42,8 @@ class Kernels:
     rows_argmax: ctypes._CFuncPtr
     prefill_attention: ctypes._CFuncPtr
     gelu_tanh: ctypes._CFuncPtr
-    quantize: ctypes._CFuncPtr | None  # the int8 GEMM's activations, where int8_activations
-    dequantize: ctypes._CFuncPtr | None
-    int8_activations: bool  # int8 weights meet int8 activations (AVX-512 VNNI), else float32 ones
+    quantize: ctypes._CFuncPtr  # the int8 GEMM's activations, as the int8 kernel quantizes them
+    dequantize: ctypes._CFuncPtr
 
 
 @functools.cache
@@ -63,16 +62,12 @@ def compiled() -> Kernels | None:
     shared.gpt2engine_gelu_tanh.argtypes = [pointer, ctypes.c_long, number]
     shared.gpt2engine_rows_finite.argtypes = [pointer, number, number, number, pointer]
     shared.gpt2engine_rows_argmax.argtypes = [pointer, number, number, pointer]
-    int8_activations = bool(shared.gpt2engine_int8_activations())
-    quantize = dequantize = None
-    if int8_activations:
-        quantize, dequantize = shared.gpt2engine_quantize, shared.gpt2engine_dequantize
-        quantize.argtypes = [pointer, number, number, pointer, pointer, number]
-        dequantize.argtypes = [pointer, number, number, *[pointer] * 4, number]
+    shared.gpt2engine_quantize.argtypes = [pointer, number, number, pointer, pointer, number]
+    shared.gpt2engine_dequantize.argtypes = [pointer, number, number, *[pointer] * 4, number]
     return Kernels(shared.gpt2engine_linear, shared.gpt2engine_decode_step, shared.gpt2engine_convert,
                    shared.gpt2engine_rows_finite, shared.gpt2engine_rows_argmax,
-                   shared.gpt2engine_prefill_attention, shared.gpt2engine_gelu_tanh, quantize, dequantize,
-                   int8_activations)
+                   shared.gpt2engine_prefill_attention, shared.gpt2engine_gelu_tanh,
+                   shared.gpt2engine_quantize, shared.gpt2engine_dequantize)
 
 
 @functools.cache
@@ -82,22 +77,17 @@ def native_bf16() -> bool:
     return bool({"avx512_bf16", "amx_bf16"} & set(cpu_flags().split()))
 
 
-def int8_activations() -> bool:
-    """Whether int8 weights meet int8 activations here, in our decode kernel and so in the GEMM."""
-    kernels = compiled()
-    return kernels is not None and kernels.int8_activations
-
-
 def gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
          scale: torch.Tensor | None) -> torch.Tensor:
     """Many rows (a long prefill chunk) against a weight in any format: torch's GEMM in the fastest
     type this CPU has for it. int8 weights meet activations quantized per row exactly as our
-    kernel quantizes them (symmetric, scale = max |x| / 127; exact int32 sums) where it does;
-    bfloat16 weights meet activations rounded to bfloat16 where the CPU multiplies those natively;
-    elsewhere the weights are widened to float32."""
+    kernel quantizes them (symmetric, scale = max |x| / 127; exact int32 sums) wherever it is
+    built, on every instruction set alike (linear_int8.h); bfloat16 weights meet activations
+    rounded to bfloat16 where the CPU multiplies those natively; elsewhere the weights are widened
+    to float32."""
     # x: (M, in) float32 -> (M, out) float32
-    if weight.dtype == torch.int8 and int8_activations():  # in and out of int8 in C: 7% of a prefill
-        kernels, (M, n), threads = compiled(), x.shape, torch.get_num_threads()
+    if weight.dtype == torch.int8 and (kernels := compiled()) is not None:  # in and out of int8 in C
+        (M, n), threads = x.shape, torch.get_num_threads()
         xq, x_scale = torch.empty(M, n, dtype=torch.int8), torch.empty(M)
         kernels.quantize(x.data_ptr(), M, n, xq.data_ptr(), x_scale.data_ptr(), threads)
         sums = torch._int_mm(xq, weight.t())  # (M, out) int32

@@ -22,7 +22,7 @@ typedef struct {
     int format, in, out;
 } Weight;
 
-/* Room for M rows of x quantized to int8 (int8 weights on AVX-512 VNNI), shared by the threads. */
+/* Room for M rows of x quantized to int8 (for int8 weights: linear_int8.h), shared by the threads. */
 typedef struct {
     int8_t *q;
     float *scale;
@@ -32,9 +32,6 @@ typedef struct {
 /* Called by every thread of a parallel region: this thread's share of the output columns of
  * y = epilogue(x W^T + b), x: (M, in), y: (M, out). No barrier at its end. */
 void gpt2engine_linear_part(const Weight *w, const float *x, float *y, int M, int epilogue, Quantized *room);
-
-/* Whether int8 weights meet int8 activations (then Quantized room is needed, M * in bytes). */
-int gpt2engine_int8_activations(void);
 
 /* One decode step's attention for row b, head h (attention.c). */
 void gpt2engine_attend(const float *qkv, float *k_cache, float *v_cache, int64_t position, float *out,

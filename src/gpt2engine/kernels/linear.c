@@ -3,8 +3,9 @@
  * Decoding reads every weight once per token, so its speed is memory bandwidth: each block of 4
  * weight rows is read from memory once and stays in cache while the rows of x pass over it, 4 at
  * a time (16 sums in registers), the rest one at a time; the next block is prefetched meanwhile.
- * Smaller weights stream faster: bfloat16 (a float32 cut to its top 16 bits) and int8 (per output
- * row, w = scale * q) are widened to float32 in registers, so x and the sums stay float32.
+ * Smaller weights stream faster: bfloat16 (a float32 cut to its top 16 bits) is widened to float32
+ * in registers, so x and the sums stay float32; int8 (per output row, w = scale * q) meets x
+ * quantized to int8 in integer sums (linear_int8.h).
  * Long inputs (a prefill) go over the weights in tiles of TILE rows of x, which stay in cache.
  * Batch invariance: every sum x[m] . W[o] is accumulated lane by lane (VL lanes, lane l taking
  * the products i = l, l + VL, ...) and the lanes are added in a fixed order, in both routines, so a
@@ -21,6 +22,9 @@
 
 #define TILE 32  /* rows of x per pass over the weights */
 #define AHEAD 8  /* weight rows ahead of the block in use to prefetch (2 blocks) */
+#ifndef PREFETCH_ONE_ROW  /* whether a batch of one prefetches too (native.py decides per CPU) */
+#define PREFETCH_ONE_ROW 1
+#endif
 
 #include "vec.h"
 
@@ -58,8 +62,8 @@ void gpt2engine_gelu_tanh(float *x, long n, int threads) {
 
 /* One copy of the routines per weight type: W_T is the element, WIDEN loads VL of them, LOAD one.
  * ONE_STREAM: a single row of x reads each block's weight rows one after another. For float32 that
- * streams 5% faster (measured at batch 1 on Zen 4); the narrower types, which widen in the sum's one
- * dependency chain, were 4% slower that way. */
+ * streams faster everywhere measured; bfloat16, which widens in the sum's one dependency chain,
+ * only with our prefetch and 16 lanes (docs/kernels.md). */
 #define W_T float
 #define ONE_STREAM 1
 #define WIDEN widen_f32
@@ -68,30 +72,13 @@ void gpt2engine_gelu_tanh(float *x, long n, int threads) {
 #include "linear_body.h"
 
 #define W_T uint16_t
-#define ONE_STREAM 0
+#define ONE_STREAM (PREFETCH_ONE_ROW && VL >= 16)
 #define WIDEN widen_bf16
 #define LOAD load_bf16
 #define NAME(f) f##_bf16
 #include "linear_body.h"
 
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-#include "linear_vnni.h"
-#else
-#define W_T int8_t
-#define ONE_STREAM 0
-#define WIDEN widen_i8
-#define LOAD load_i8
-#define NAME(f) f##_i8
-#include "linear_body.h"
-
-int gpt2engine_int8_activations(void) { return 0; }
-
-static void part_i8(const Weight *w, const float *x, float *y, int M, int epilogue, Quantized *room,
-                    int first, int last) {
-    (void)room;
-    blocks_i8(x, w->data, w->scale, w->bias, y, M, w->in, w->out, first, last, epilogue);
-}
-#endif
+#include "linear_int8.h"
 
 void gpt2engine_linear_part(const Weight *w, const float *x, float *y, int M, int epilogue, Quantized *room) {
     int blocks = (w->out + 3) / 4, t = omp_get_thread_num(), nt = omp_get_num_threads();

@@ -29,10 +29,14 @@ static inline void NAME(block)(const float *x, size_t ldx, int R, const W_T *w, 
         for (int c = 0; c < 4; c++) out[r][c] = NAME(finish)(acc[r][c], x + r * ldx, w + c * ldw, i, n);
 }
 
-static inline float NAME(dot)(const float *x, const W_T *w, int n) {
+/* x . w over n inputs; `ahead` (or NULL): a weight row to prefetch meanwhile, a line at a time. */
+static inline float NAME(dot)(const float *x, const W_T *w, int n, const W_T *ahead) {
     vec acc = vzero();
     int i = 0;
-    for (; i + VL <= n; i += VL) acc = vfma(vload(x + i), WIDEN(w + i), acc);
+    for (; i + VL <= n; i += VL) {
+        if (ahead && i % (64 / sizeof(W_T)) == 0) __builtin_prefetch(ahead + i, 0, 1);
+        acc = vfma(vload(x + i), WIDEN(w + i), acc);
+    }
     return NAME(finish)(acc, x, w, i, n);
 }
 
@@ -57,7 +61,10 @@ static void NAME(blocks)(const float *x, const W_T *W, const float *scale, const
                     if (R == 4) NAME(block)(x + (size_t)m * in, in, 4, w, in, in, s, ahead);
                     else NAME(block)(x + (size_t)m * in, in, 1, w, in, in, s, ahead);
                 } else {
-                    for (int c = 0; c < n; c++) s[0][c] = NAME(dot)(x + (size_t)m * in, w + (size_t)c * in, in);
+                    int ahead = PREFETCH_ONE_ROW && one_stream && blk + AHEAD / 4 + 1 <= last;
+                    for (int c = 0; c < n; c++)
+                        s[0][c] = NAME(dot)(x + (size_t)m * in, w + (size_t)c * in, in,
+                                            ahead ? w + (size_t)(AHEAD + c) * in : NULL);
                 }
                 for (int r = 0; r < R; r++)
                     for (int c = 0; c < n; c++)

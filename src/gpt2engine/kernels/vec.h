@@ -6,7 +6,7 @@
 #include <stdint.h>
 #include <string.h>
 
-/* One weight of each format as a float, for the tails of rows that are not a multiple of VL. */
+/* One weight of each float format as a float, for the tails of rows that are not a multiple of VL. */
 static inline float load_f32(const float *w) { return *w; }
 static inline float load_bf16(const uint16_t *w) {
     uint32_t bits = (uint32_t)*w << 16;
@@ -14,9 +14,8 @@ static inline float load_bf16(const uint16_t *w) {
     memcpy(&f, &bits, sizeof f);
     return f;
 }
-static inline float load_i8(const int8_t *w) { return (float)*w; }
 
-/* vec: VL float32 lanes, the widest the CPU has; widen_*: VL weights of a format as floats. */
+/* vec: VL float32 lanes, the widest the CPU has; widen_*: VL weights of a float format as floats. */
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #define VL 16
@@ -29,9 +28,6 @@ static inline vec widen_bf16(const uint16_t *p) {
     __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
     return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
 }
-static inline vec widen_i8(const int8_t *p) {
-    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
-}
 static inline vec vset1(float f) { return _mm512_set1_ps(f); }
 static inline vec vadd(vec a, vec b) { return _mm512_add_ps(a, b); }
 static inline vec vmul(vec a, vec b) { return _mm512_mul_ps(a, b); }
@@ -42,6 +38,10 @@ static inline vec vround(vec a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_N
 static inline vec vscale2(vec p, vec n) { return _mm512_scalef_ps(p, n); }  /* p * 2^n */
 static inline vec vzero_below(vec v, vec x, vec lo) {  /* 0 where x < lo */
     return _mm512_mask_mov_ps(v, _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ), _mm512_setzero_ps());
+}
+static inline vec vabs(vec a) { return _mm512_abs_ps(a); }
+static inline void vstore_i8(int8_t *p, vec whole) {  /* VL whole numbers within +-127 */
+    _mm_storeu_si128((__m128i *)p, _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(whole)));
 }
 #elif defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -54,9 +54,6 @@ static inline vec widen_f32(const float *p) { return _mm256_loadu_ps(p); }
 static inline vec widen_bf16(const uint16_t *p) {
     __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
     return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
-}
-static inline vec widen_i8(const int8_t *p) {
-    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
 }
 static inline vec vset1(float f) { return _mm256_set1_ps(f); }
 static inline vec vadd(vec a, vec b) { return _mm256_add_ps(a, b); }
@@ -72,6 +69,12 @@ static inline vec vscale2(vec p, vec n) {  /* p * 2^n, for -126 <= n <= 0 */
 static inline vec vzero_below(vec v, vec x, vec lo) {  /* 0 where x < lo */
     return _mm256_blendv_ps(v, _mm256_setzero_ps(), _mm256_cmp_ps(x, lo, _CMP_LT_OQ));
 }
+static inline vec vabs(vec a) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), a); }
+static inline void vstore_i8(int8_t *p, vec whole) {  /* VL whole numbers within +-127 */
+    __m256i wide = _mm256_cvtps_epi32(whole);
+    __m128i half = _mm_packs_epi32(_mm256_castsi256_si128(wide), _mm256_extracti128_si256(wide, 1));
+    _mm_storel_epi64((__m128i *)p, _mm_packs_epi16(half, half));
+}
 #else
 #define VL 1
 typedef float vec;
@@ -80,13 +83,15 @@ static inline vec vfma(vec a, vec b, vec c) { return a * b + c; }
 static inline void vstore(float *p, vec v) { *p = v; }
 static inline vec widen_f32(const float *p) { return *p; }
 static inline vec widen_bf16(const uint16_t *p) { return load_bf16(p); }
-static inline vec widen_i8(const int8_t *p) { return load_i8(p); }
 static inline vec vset1(float f) { return f; }
 static inline vec vadd(vec a, vec b) { return a + b; }
 static inline vec vmul(vec a, vec b) { return a * b; }
 static inline vec vmax(vec a, vec b) { return a > b ? a : b; }
 static inline vec vmin(vec a, vec b) { return a < b ? a : b; }
 static inline vec vdiv(vec a, vec b) { return a / b; }
+static inline vec vround(vec a) { return nearbyintf(a); }
+static inline vec vabs(vec a) { return fabsf(a); }
+static inline void vstore_i8(int8_t *p, vec whole) { *p = (int8_t)whole; }
 #endif
 
 static inline vec vload(const float *p) { return widen_f32(p); }
