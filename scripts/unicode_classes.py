@@ -1,4 +1,4 @@
-"""Write src/gpt2engine/kernels/unicode_classes.h: the character classes of GPT-2's pre-tokenizer
+"""Write src/gpt2engine/tokenizer/unicode_classes.h: the character classes of GPT-2's pre-tokenizer
 regex (letters \\p{L}, numbers \\p{N}, white space \\s, everything else), as the `tokenizers`
 library itself sees them. Each code point is classed by asking that library how it splits a
 string around it, so our pre-tokenizer (bpe.c) follows it even where Unicode versions differ.
@@ -13,7 +13,7 @@ from pathlib import Path
 from tokenizers import pre_tokenizers
 
 OTHER, LETTER, NUMBER, SPACE = range(4)  # bpe.c's enum, in the same order
-HEADER = Path(__file__).resolve().parent.parent / "src" / "gpt2engine" / "kernels" / "unicode_classes.h"
+HEADER = Path(__file__).resolve().parent.parent / "src" / "gpt2engine" / "tokenizer" / "unicode_classes.h"
 
 
 def code_point_class(split, ch: str) -> int:

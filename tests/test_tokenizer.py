@@ -84,7 +84,7 @@ def reference_ids(reference, text: str) -> list[int]:
 def class_run_edges() -> list[int]:
     """The code points at both edges of every run of bpe.c's character classes (and either side of
     them), and every 101st code point."""
-    header = (native.HERE / "unicode_classes.h").read_text(encoding="utf-8")
+    header = (native.HERE / "tokenizer" / "unicode_classes.h").read_text(encoding="utf-8")
     pattern = r"\{0x([0-9A-F]+), 0x([0-9A-F]+), [LNS]\}"
     runs = [(int(a, 16), int(b, 16)) for a, b in re.findall(pattern, header)]
     assert len(runs) > 500

@@ -1,11 +1,17 @@
-"""Our C sources (kernels/*.c) as one shared library, compiled on first use; no torch here, so
-the tokenizer (bpe.c) loads before torch is imported.
+"""Our C code: two shared libraries, compiled on first use by one builder, with one table of what
+each exports. No torch here, so the tokenizer's library loads before torch is imported.
 
-The sources are compiled with the machine's C compiler (`-O3 -march=native -fopenmp`;
-GPT2ENGINE_MARCH names another level) into a cache keyed by the sources, the flags, the compiler
-and the CPU's feature flags, so a build for one CPU is never loaded on another. No compiler, a
-failed build, not Linux, or `GPT2ENGINE_KERNELS=0`: None, and each user falls back (kernels: torch;
-the tokenizer: the `tokenizers` library).
+- KERNELS (kernels/*.c): the math, `-O3 -march=native -fopenmp` (GPT2ENGINE_MARCH names another
+  level, say a fleet's floor); `GPT2ENGINE_KERNELS=0` switches it off (torch does the work).
+- BPE (tokenizer/bpe.c): the tokenizer's byte-level BPE, single-threaded, no OpenMP, built
+  whatever GPT2ENGINE_KERNELS says (the `tokenizers` library stands in where it cannot be built).
+
+Each is compiled with the machine's C compiler into a cache keyed by its sources, the flags, the
+compiler and the CPU's feature flags, so a build for one CPU is never loaded on another, and loaded
+with every export's argument and result types set from EXPORTS (tests/test_native.py checks the
+table against the C). No compiler or not Linux: None. A failed build: None, and one line on
+stderr naming the compiler's log. GPT2ENGINE_SANITIZE=1 builds both with AddressSanitizer and
+UndefinedBehaviorSanitizer (`scripts/sanitize` runs the kernel and tokenizer tests so).
 """
 
 from __future__ import annotations
@@ -17,14 +23,62 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
-HERE = Path(__file__).parent / "kernels"
-SOURCES = tuple(HERE / name for name in ("linear.c", "attention.c", "step.c", "rows.c", "convert.c", "bpe.c"))
-HEADERS = tuple(HERE / name for name in ("kernels.h", "vec.h", "linear_body.h", "linear_int8.h",
-                                         "unicode_classes.h"))
-FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-Wall"]  # and -march=$GPT2ENGINE_MARCH, by default native
+HERE = Path(__file__).parent
+P, INT, LONG, INT64, FLOAT = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_int64, ctypes.c_float
+Signature = tuple[type | None, tuple[type, ...]]  # (result type, argument types)
+
+
+@dataclass(frozen=True, eq=False)  # hashed by identity: load() caches per library
+class Library:
+    name: str
+    sources: tuple[Path, ...]
+    headers: tuple[Path, ...]
+    flags: tuple[str, ...]
+    exports: dict[str, Signature]
+    fallback: str  # what does its work where it cannot be had
+    switch: str | None = None  # an environment variable that turns it off with "0"
+    tuned: bool = False  # -march and the per-CPU choices of `tuning()`
+
+
+KERNELS = Library(
+    "kernels",
+    sources=tuple(HERE / "kernels" / f for f in ("linear.c", "attention.c", "step.c", "rows.c", "convert.c")),
+    headers=tuple(HERE / "kernels" / f for f in ("kernels.h", "vec.h", "linear_body.h", "linear_int8.h")),
+    flags=("-O3", "-fopenmp", "-ffp-contract=off"),  # a*b+c rounds alike wherever the compiler puts it
+    exports={
+        "gpt2engine_linear": (None, (P, P, INT, P, P, P, INT, INT, INT, INT)),
+        "gpt2engine_decode_step": (None, (P, P, P, INT, P, INT)),
+        "gpt2engine_convert": (INT, (P, INT, INT64, INT, INT, INT, INT, P, P, INT)),
+        "gpt2engine_prefill_attention": (INT, (P, P, P, P, INT, INT, INT, INT, INT, FLOAT, INT)),
+        "gpt2engine_gelu_tanh": (None, (P, LONG, INT)),
+        "gpt2engine_rows_finite": (None, (P, INT, INT, INT, P)),
+        "gpt2engine_rows_argmax": (None, (P, INT, INT, P)),
+        "gpt2engine_quantize": (None, (P, INT, INT, P, P, INT)),
+        "gpt2engine_dequantize": (None, (P, INT, INT, P, P, P, P, INT)),
+    },
+    fallback="torch does its work, several times slower",
+    switch="GPT2ENGINE_KERNELS",
+    tuned=True,
+)
+BPE = Library(
+    "bpe",
+    sources=(HERE / "tokenizer" / "bpe.c",),
+    headers=(HERE / "tokenizer" / "unicode_classes.h",),
+    flags=("-O3",),
+    exports={
+        "gpt2engine_bpe_new": (P, (P, INT, P, P, P)),
+        "gpt2engine_bpe_encode": (LONG, (P, P, LONG, P)),
+        "gpt2engine_bpe_free": (None, (P,)),
+    },
+    fallback="the tokenizers library stands in",
+)
+COMMON_FLAGS = ("-shared", "-fPIC", "-Wall")
+SANITIZERS = ("-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=all")
 
 
 def cpuinfo(*fields: str) -> str:
@@ -54,26 +108,56 @@ def cache_dir() -> Path:
     return Path(root).expanduser() / "gpt2engine"
 
 
+def flags_for(library: Library) -> list[str]:
+    flags = [*library.flags, *COMMON_FLAGS]
+    if library.tuned:
+        flags += [f"-march={os.environ.get('GPT2ENGINE_MARCH', 'native')}", *tuning()]
+    if os.environ.get("GPT2ENGINE_SANITIZE") == "1":
+        flags += SANITIZERS
+    return flags
+
+
 @functools.cache
-def library() -> ctypes.CDLL | None:
-    """The library, built on first use; None if it cannot be had here."""
+def load(library: Library) -> ctypes.CDLL | None:
+    """The library, built on first use and its exports typed; None if it cannot be had here."""
     compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
-    if os.environ.get("GPT2ENGINE_KERNELS", "1") == "0" or compiler is None or platform.system() != "Linux":
+    switched_off = library.switch is not None and os.environ.get(library.switch, "1") == "0"
+    if switched_off or compiler is None or platform.system() != "Linux":
         return None
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    march = os.environ.get("GPT2ENGINE_MARCH", "native")  # another: a fleet's floor
-    flags = [*FLAGS, f"-march={march}", *tuning()]
-    key = hashlib.sha256("\n".join([*(s.read_text() for s in SOURCES + HEADERS), " ".join(flags),
-                                    version, cpu_flags()]).encode()).hexdigest()[:16]
-    path = cache_dir() / f"kernels-{key}.so"
+    flags = flags_for(library)
+    key = hashlib.sha256("\n".join([*(s.read_text() for s in library.sources + library.headers),
+                                    " ".join(flags), version, cpu_flags()]).encode()).hexdigest()[:16]
+    path = cache_dir() / f"{library.name}-{key}.so"
     try:
-        if not path.is_file():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
-                built = Path(scratch) / path.name
-                subprocess.run([compiler, *flags, *map(str, SOURCES), "-o", str(built)], check=True,
-                               capture_output=True, timeout=120)
-                os.replace(built, path)
-        return ctypes.CDLL(str(path))
-    except (OSError, subprocess.SubprocessError):
+        if not path.is_file() and not build(library, compiler, flags, path):
+            return None
+        shared = ctypes.CDLL(str(path))
+    except OSError as error:
+        print(f"gpt2engine: cannot load {path} ({error}); {library.fallback}", file=sys.stderr)
         return None
+    for name, (result, arguments) in library.exports.items():
+        function = getattr(shared, name)
+        function.restype, function.argtypes = result, list(arguments)
+    return shared
+
+
+def build(library: Library, compiler: str, flags: list[str], path: Path) -> bool:
+    """Compile `library` into `path`; on failure say so in one line, with where the log is."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
+        built = Path(scratch) / path.name
+        command = [compiler, *flags, *map(str, library.sources), "-o", str(built)]
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+            output = done.stdout + done.stderr if done.returncode else None
+        except subprocess.SubprocessError as error:
+            output = str(error)
+        if output is not None:
+            log = path.with_suffix(".log")
+            log.write_text(" ".join(command) + "\n" + output)
+            print(f"gpt2engine: the {library.name} library did not build (the compiler's log: {log}); "
+                  f"{library.fallback}", file=sys.stderr)
+            return False
+        os.replace(built, path)
+    return True

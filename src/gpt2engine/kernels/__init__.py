@@ -1,8 +1,7 @@
 """Kernels of our own for the CPU, torch as the fallback: the linear layers (linear.c), a whole
 decode step in one call (step.c, with attention.c; its Python side is step.py), a prefill chunk's
 causal attention (attention.c) and GELU (linear.c), the scans of the logits that sampling needs
-(rows.c), the conversion of a checkpoint's tensors while loading (convert.c), and the tokenizer's
-BPE (bpe.c, used by tokenizer.py).
+(rows.c) and the conversion of a checkpoint's tensors while loading (convert.c).
 
 torch's float32 kernels stream the weights at about half the memory bandwidth when a decode
 step multiplies them by a few rows, and have none for float32 activations against bfloat16 or
@@ -26,7 +25,7 @@ import torch.nn.functional as F
 
 from gpt2engine.arena import Arena
 from gpt2engine.formats import STORAGE, decode
-from gpt2engine.native import cpu_flags, library
+from gpt2engine.native import KERNELS, cpu_flags, load
 
 MAX_ROWS = 128  # beyond this (long prefill chunks, evaluation windows) a GEMM is the faster one
 MAX_ATTENTION_SLOTS = 8192  # attention.c keeps a row's scores on the stack
@@ -36,7 +35,7 @@ FORMAT_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}  # kernels.h
 @dataclass(frozen=True)
 class Kernels:
     linear: ctypes._CFuncPtr
-    decode_step: ctypes._CFuncPtr  # its argument types are set by step.py, which owns its structs
+    decode_step: ctypes._CFuncPtr  # its structs are step.py's
     convert: ctypes._CFuncPtr
     rows_finite: ctypes._CFuncPtr
     rows_argmax: ctypes._CFuncPtr
@@ -49,21 +48,8 @@ class Kernels:
 @functools.cache
 def compiled() -> Kernels | None:
     """The kernels as ctypes functions, built on first use; None if they cannot be had here."""
-    if (shared := library()) is None:
+    if (shared := load(KERNELS)) is None:
         return None
-    pointer, number = ctypes.c_void_p, ctypes.c_int
-    shared.gpt2engine_linear.argtypes = [pointer, pointer, number, *[pointer] * 3, *[number] * 4]
-    shared.gpt2engine_linear.restype = None
-    shared.gpt2engine_convert.argtypes = [pointer, number, ctypes.c_int64, *[number] * 4, pointer, pointer,
-                                          number]
-    shared.gpt2engine_convert.restype = number
-    shared.gpt2engine_prefill_attention.argtypes = [*[pointer] * 4, *[number] * 5, ctypes.c_float, number]
-    shared.gpt2engine_prefill_attention.restype = number
-    shared.gpt2engine_gelu_tanh.argtypes = [pointer, ctypes.c_long, number]
-    shared.gpt2engine_rows_finite.argtypes = [pointer, number, number, number, pointer]
-    shared.gpt2engine_rows_argmax.argtypes = [pointer, number, number, pointer]
-    shared.gpt2engine_quantize.argtypes = [pointer, number, number, pointer, pointer, number]
-    shared.gpt2engine_dequantize.argtypes = [pointer, number, number, *[pointer] * 4, number]
     return Kernels(shared.gpt2engine_linear, shared.gpt2engine_decode_step, shared.gpt2engine_convert,
                    shared.gpt2engine_rows_finite, shared.gpt2engine_rows_argmax,
                    shared.gpt2engine_prefill_attention, shared.gpt2engine_gelu_tanh,

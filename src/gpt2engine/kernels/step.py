@@ -85,8 +85,6 @@ class DecodeStep:
         kernels = compiled()
         if kernels is None or not fits(model, cache):
             return None
-        kernels.decode_step.argtypes = [POINTER(Model), c_void_p, c_void_p, c_int, c_void_p, c_int]
-        kernels.decode_step.restype = None
         return cls(model, cache, kernels.decode_step)
 
     def __call__(self, tokens: list[int], positions: list[int]) -> torch.Tensor:

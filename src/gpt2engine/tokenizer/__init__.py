@@ -4,7 +4,7 @@
 GPT-2 maps every byte to a printable character, splits text with its regex, then applies the
 merges. Added tokens (`<|endoftext|>`) are matched in the raw text first: the literal text encodes
 to the token's single id, as in GPT2TokenizerFast. The text between them goes to our BPE in C
-(kernels/bpe.c: about 1 MiB for GPT-2's 50,000 merges, where the `tokenizers` library holds 20,
+(bpe.c: about 1 MiB for GPT-2's 50,000 merges, where the `tokenizers` library holds 20,
 a sixth of int8 GPT-2's weights), or to `tokenizers` where the kernels cannot be built. Decoding
 goes through bytes, so a stream can hold back a character whose UTF-8 bytes are split across tokens.
 """
@@ -151,19 +151,9 @@ def token_bytes(vocabulary: Vocabulary) -> TokenBytes:
     return TokenBytes(pieces)
 
 
-@cache
 def bpe_library() -> ctypes.CDLL | None:
-    """Our C library (native.py) with bpe.c's functions declared, None where it cannot be built."""
-    if (shared := native.library()) is None:
-        return None
-    pointer = ctypes.c_void_p
-    shared.gpt2engine_bpe_new.argtypes = [pointer, ctypes.c_int, pointer, pointer, pointer]
-    shared.gpt2engine_bpe_new.restype = pointer
-    shared.gpt2engine_bpe_encode.argtypes = [pointer, ctypes.c_char_p, ctypes.c_long, pointer]
-    shared.gpt2engine_bpe_encode.restype = ctypes.c_long
-    shared.gpt2engine_bpe_free.argtypes = [pointer]
-    shared.gpt2engine_bpe_free.restype = None
-    return shared
+    """Our BPE library (bpe.c, built by native.py), None where it cannot be built."""
+    return native.load(native.BPE)
 
 
 class NativeBPE:
