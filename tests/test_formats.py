@@ -8,8 +8,9 @@ from conftest import TEMPEST
 from gpt2engine import GPT2, GenerationOptions, SamplingParams, Tokenizer, complete
 from gpt2engine.errors import GPT2EngineError
 from gpt2engine.evaluation import perplexity
-from gpt2engine.formats import decode, encode, formatted_modules
+from gpt2engine.formats import decode, encode
 from gpt2engine.runtime import pick_dtype
+from gpt2engine.weights import formatted_modules
 
 # The accuracy a format promises against float32, asserted below on the trained model.
 PERPLEXITY_TOLERANCE = 0.01  # relative

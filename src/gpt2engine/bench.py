@@ -83,8 +83,8 @@ def default_checkpoint() -> Path:
     import torch
 
     from gpt2engine.config import GPT2Config
-    from gpt2engine.model import GPT2
     from gpt2engine.native import cache_dir
+    from gpt2engine.pretrained import GPT2
 
     folder = cache_dir() / "bench" / "gpt2-124m-random"
     if (folder / "model.safetensors").is_file():
@@ -122,7 +122,7 @@ def prepare(engine: str, mode: str, checkpoint: Path) -> Path:
         path = out / f"model-{mode}.gguf"
         if not path.is_file():
             from gpt2engine.gguf_export import export_gguf
-            from gpt2engine.model import GPT2
+            from gpt2engine.pretrained import GPT2
             from gpt2engine.tokenizer import Tokenizer
 
             path.unlink(missing_ok=True)

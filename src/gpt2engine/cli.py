@@ -241,7 +241,7 @@ def run_serve_on_ray(args: argparse.Namespace, settings) -> int:
 
 def run_export(args: argparse.Namespace) -> int:
     from gpt2engine.hub import resolve_checkpoint
-    from gpt2engine.model import GPT2
+    from gpt2engine.pretrained import GPT2
 
     out = Path(args.output)
     if args.format == "gguf":

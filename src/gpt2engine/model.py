@@ -3,14 +3,16 @@
 Shapes: B batch, T tokens in this call, S cache slots, C n_embd, nh heads, hs head size, V vocab.
 Module names follow Hugging Face's GPT-2 (minus the `transformer.` prefix) so that the weight
 surgery in weights.py is a short list of transposes, not a renaming table.
-This file knows nothing of files, tokenizers or sampling.
+This file knows nothing of files, tokenizers or sampling: `GPT2.from_pretrained` and
+`save_pretrained` are given to the class by pretrained.py, above the loading that needs this file.
 """
 
 from __future__ import annotations
 
 import math
 import mmap
-from pathlib import Path
+from collections.abc import Callable
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -191,6 +193,10 @@ def embedding_init(num: int, dim: int) -> torch.Tensor:
 
 
 class GPT2(nn.Module):
+    if TYPE_CHECKING:  # given to the class by pretrained.py, which owns loading and imports this file
+        from_pretrained: ClassVar[Callable[..., GPT2]]
+        save_pretrained: Callable[..., None]
+
     def __init__(self, config: GPT2Config) -> None:
         super().__init__()
         self.config = config
@@ -264,28 +270,3 @@ class GPT2(nn.Module):
     ) -> torch.Tensor:
         # idx: (B, T), positions: (B, T) or None -> logits (B, T, V)
         return self.lm_head(self.hidden_states(idx, positions, cache, length))
-
-    @classmethod
-    def from_pretrained(
-        cls, name_or_path: str | Path, *, revision: str | None = None,
-        dtype: torch.dtype | str = torch.float32, device: torch.device | str = "cpu",
-    ) -> GPT2:
-        """Load a Hugging Face GPT-2 checkpoint (a folder or a Hub id); see weights.py.
-        dtype: a torch dtype or its name ("float32", "bfloat16", "float16", "int8", "auto"); on the
-        CPU, bfloat16 and int8 store the weights small and compute in float32 (formats.py)."""
-        from gpt2engine.runtime import pick_device, pick_dtype
-        from gpt2engine.weights import load_model
-
-        target = pick_device(device)
-        compute, weight_format = pick_dtype(dtype, target)
-        return load_model(name_or_path, revision=revision, dtype=compute, device=target,
-                          weight_format=weight_format)
-
-    def save_pretrained(
-        self, folder: str | Path, *, overwrite: bool = False, extra_files: tuple[Path, ...] = ()
-    ) -> None:
-        """Write the Hugging Face layout (config.json + model.safetensors, + extra_files such as
-        the tokenizer's, all or none); see weights.py."""
-        from gpt2engine.weights import save_model
-
-        save_model(self, folder, overwrite=overwrite, extra_files=extra_files)

@@ -20,13 +20,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from gpt2engine import formats, kernels
 from gpt2engine.arena import Arena, padded
 from gpt2engine.config import GPT2Config
 from gpt2engine.errors import GPT2EngineError
 from gpt2engine.hub import resolve_checkpoint
-from gpt2engine.model import GPT2
+from gpt2engine.model import GPT2, Embedding, Linear
 
 # Conv1D weights: stored (in, out) in the checkpoint, transposed into Linear's (out, in).
 CONV1D_WEIGHTS = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
@@ -212,7 +213,7 @@ def convert_checkpoint(
         name: tuple(t.shape)[::-1] if is_conv1d(name) else tuple(t.shape)
         for name, t in model.state_dict().items() if not name.endswith(".scale")
     }
-    formatted = set(formats.formatted_weights(model))
+    formatted = set(formatted_weights(model))
     encoded = formatted if weight_format else set()
     fmt = weight_format or "float32"
     on_cpu = torch.device(device).type == "cpu" and dtype == torch.float32
@@ -271,6 +272,36 @@ def convert_checkpoint(
     return state
 
 
+def formatted_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """(name, module) of what a format applies to: every linear layer and the token embedding."""
+    return ((name, m) for name, m in model.named_modules() if isinstance(m, Linear | Embedding))
+
+
+def formatted_weights(model: nn.Module) -> list[str]:
+    """Names of the weights a format applies to."""
+    return [f"{name}.weight" for name, _ in formatted_modules(model)]
+
+
+def prepare(model: nn.Module, fmt: str) -> None:
+    """Give a model built on the meta device the storage dtypes (and scale buffers) of `fmt`, so
+    that a state dict of encoded weights loads into it with assign=True."""
+    for _, module in formatted_modules(model):
+        rows = module.weight.shape[0]
+        # torch.empty, not empty_like: on the meta device empty_like imports sympy (0.4 s)
+        weight = torch.empty(module.weight.shape, dtype=formats.STORAGE[fmt], device=module.weight.device)
+        module.weight = nn.Parameter(weight, requires_grad=False)
+        module.scale = torch.empty(rows, device=module.weight.device) if fmt == "int8" else None
+
+
+def dense_state_dict(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The model's state dict with every weight decoded to `dtype` and no scales: what exports write."""
+    state = {name: t for name, t in model.state_dict().items() if not name.endswith(".scale")}
+    for name, module in formatted_modules(model):
+        if module.weight.dtype != dtype:
+            state[f"{name}.weight"] = formats.decode(module.weight, module.scale, dtype)
+    return state
+
+
 def check_size(config: GPT2Config, files: list[Path]) -> None:
     """Refuse, before building anything, a config that asks for more weights than the files hold
     (a few-byte config.json must not make us build a model of a trillion parameters)."""
@@ -296,7 +327,7 @@ def load_model(
     with torch.device("meta"):
         model = GPT2(config)
     if weight_format:
-        formats.prepare(model, weight_format)
+        prepare(model, weight_format)
     with large_buffers_returned():
         state = convert_checkpoint(read_tensors(files), model, dtype, device, weight_format)
     model.load_state_dict(state, assign=True)
@@ -310,7 +341,7 @@ def to_hf_state_dict(model: GPT2) -> dict[str, torch.Tensor]:
     tied = model.config.tie_word_embeddings
     return {
         hf_name(name): (tensor.t() if is_conv1d(name) else tensor).detach().cpu().contiguous()
-        for name, tensor in formats.dense_state_dict(model, model.dtype).items()
+        for name, tensor in dense_state_dict(model, model.dtype).items()
         if not (name == TIED_HEAD and tied)
     }
 
