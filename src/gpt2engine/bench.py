@@ -33,6 +33,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 from gpt2engine.errors import GPT2EngineError
 
@@ -48,7 +49,7 @@ NEEDS = {  # engine -> modules its child imports, and what provides them
     "llama.cpp": (("llama_cpp", "gguf"), "pip install 'gpt2engine[bench]' (llama-cpp-python builds "
                                          "llama.cpp from source: about 10 minutes)"),
 }
-CONFIG_124M = dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12)
+CONFIG_124M: dict[str, Any] = dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12)
 
 
 @dataclass(frozen=True)
@@ -160,6 +161,7 @@ class Ours:
         for _ in self.engine.run(requests):
             if first is None and all(r.output_ids for r in requests):
                 first = time.perf_counter()
+        assert first is not None  # every request makes a token: max_new_tokens >= 1, ignore_eos
         return first - started, time.perf_counter() - started
 
 
@@ -266,8 +268,13 @@ class LlamaCpp:
         return first - started, time.perf_counter() - started
 
 
-ADAPTERS = {"gpt2engine": Ours, "transformers": Transformers, "ctranslate2": CTranslate2,
-            "llama.cpp": LlamaCpp}
+class Adapter(Protocol):
+    def __init__(self, path: str, mode: str, work: Workload) -> None: ...
+    def generate(self, prompts: list[list[int]], new_tokens: int) -> tuple[float, float]: ...
+
+
+ADAPTERS: dict[str, type[Adapter]] = {"gpt2engine": Ours, "transformers": Transformers,
+                                      "ctranslate2": CTranslate2, "llama.cpp": LlamaCpp}
 
 
 def measure(engine: str, mode: str, path: str, work: Workload) -> list[dict]:

@@ -136,7 +136,7 @@ def loglikelihood_rolling(
     """Log-likelihood of the whole of `text`, every token scored: <|endoftext|> goes in front,
     so the first token is predicted too; long texts slide as in `perplexity`."""
     max_length, stride = check_window(model, max_length, stride)
-    spans = window_spans([tokenizer.eot_id, *tokenizer.encode(text)], max_length, stride)
+    spans = window_spans([end_of_text(tokenizer), *tokenizer.encode(text)], max_length, stride)
     return sum(s.logprob for s in score_spans(model, spans, batch_size))
 
 
@@ -148,7 +148,14 @@ def split_request(tokenizer: Tokenizer, context: str, continuation: str) -> tupl
         context, continuation = context[:-spaces], context[-spaces:] + continuation
     whole = tokenizer.encode(context + continuation)
     context_ids = tokenizer.encode(context) if context else []
-    return (context_ids or [tokenizer.eot_id]), whole[len(context_ids) :]
+    return (context_ids or [end_of_text(tokenizer)]), whole[len(context_ids) :]
+
+
+def end_of_text(tokenizer: Tokenizer) -> int:
+    """<|endoftext|>, the context a text is scored from when it has none of its own."""
+    if tokenizer.eot_id is None:
+        raise GPT2EngineError("the tokenizer has no <|endoftext|> to score a text's first token from")
+    return tokenizer.eot_id
 
 
 def request_span(context_ids: list[int], continuation_ids: list[int], max_length: int) -> Span:

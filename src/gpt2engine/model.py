@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import mmap
 from collections.abc import Callable
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -89,6 +89,8 @@ class Linear(nn.Linear):
     memory bandwidth, and whose weight may be stored in a smaller format (formats.py) with a
     per-row `scale`; see kernels/."""
 
+    scale: torch.Tensor | None  # a buffer: (out,) for int8 weights
+
     def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
         super().__init__(in_features, out_features, bias)
         self.register_buffer("scale", None)
@@ -106,6 +108,8 @@ class Linear(nn.Linear):
 class Embedding(nn.Embedding):
     """nn.Embedding whose table may be stored in a smaller format (formats.py), as the tied LM
     head that shares it; int8 rows are widened to float32 as they are looked up."""
+
+    scale: torch.Tensor | None  # a buffer: (num,) for an int8 table
 
     def __init__(self, num: int, dim: int, weight: torch.Tensor) -> None:
         super().__init__(num, dim, _weight=weight)
@@ -138,6 +142,7 @@ class CausalSelfAttention(nn.Module):
         q, k, v = qkv.split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         if cache is not None:
+            assert mask is not None  # hidden_states masks whenever there is a cache
             start = chunk_start(positions)  # a prompt's chunk on the CPU: our causal kernel (kernels/)
             k, v = cache.update(positions, k, v, mask.shape[-1], start)  # (B, nh, L, hs)
             if start is not None and (y := prefill_attention(qkv, cache.k, cache.v, start, self.n_head,
@@ -234,6 +239,11 @@ class GPT2(nn.Module):
         return self.wte.weight.device
 
     @property
+    def blocks(self) -> list[Block]:
+        """The decoder blocks, typed (iterating `h`, an nn.ModuleList, gives plain Modules)."""
+        return cast("list[Block]", list(self.h))
+
+    @property
     def dtype(self) -> torch.dtype:
         """The dtype of activations and the cache (the weights' may be smaller: formats.py)."""
         return self.ln_f.weight.dtype
@@ -260,7 +270,8 @@ class GPT2(nn.Module):
             mask = torch.zeros(hidden.shape, dtype=self.dtype, device=idx.device).masked_fill_(
                 hidden, float("-inf"))
         x = self.wte(idx) + self.wpe(positions)  # (B, T, C)
-        for block, layer_cache in zip(self.h, cache or [None] * len(self.h), strict=True):
+        caches: list[KVCache | None] = list(cache) if cache else [None] * len(self.h)
+        for block, layer_cache in zip(self.h, caches, strict=True):
             x = block(x, positions, mask, layer_cache)
         return self.ln_f(x)
 

@@ -117,10 +117,13 @@ def process_rows(
     # seen, counts and bias are needed only when rows.uses_seen, uses_counts, uses_bias.
     params = rows.params
     if rows.uses_counts:
+        assert counts is not None
         logits = apply_penalties(logits, counts, rows.presence_penalty, rows.frequency_penalty)
     if rows.uses_bias:
+        assert bias is not None
         logits = logits + bias
     if rows.uses_seen:
+        assert seen is not None
         logits = apply_repetition_penalty(logits, seen, rows.repetition_penalty)
     if all(p.greedy for p in params):
         return logits

@@ -252,6 +252,7 @@ def convert_checkpoint(
             finite = all_finite(tensor)
             tensor = (tensor.t() if is_conv1d(name) else tensor).to(device=device, dtype=dtype)
             if name in encoded:
+                assert weight_format is not None  # encoded is empty without one
                 state[name], scale = formats.encode(tensor, weight_format)
             else:
                 state[name], scale = tensor.contiguous(), None
@@ -272,7 +273,7 @@ def convert_checkpoint(
     return state
 
 
-def formatted_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+def formatted_modules(model: nn.Module) -> Iterator[tuple[str, Linear | Embedding]]:
     """(name, module) of what a format applies to: every linear layer and the token embedding."""
     return ((name, m) for name, m in model.named_modules() if isinstance(m, Linear | Embedding))
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from gpt2engine.engine.engine import Engine
 from gpt2engine.engine.request import GenerationOptions, Request, StepOutput
+from gpt2engine.tokenizer import Tokenizer
 
 
 @dataclass
@@ -59,11 +60,27 @@ class AsyncEngine:
 
     @property
     def running(self) -> int:
-        return self.engine.scheduler.rows_in_use
+        return self.engine.running
 
     @property
     def waiting(self) -> int:
-        return len(self.engine.scheduler.waiting)
+        return self.engine.waiting
+
+    @property
+    def max_batch(self) -> int:
+        return self.engine.max_batch
+
+    @property
+    def max_len(self) -> int:
+        return self.engine.max_len
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.engine.tokenizer
+
+    def prompt_ids(self, prompt: str | list[int]) -> list[int]:
+        """A prompt as checked token ids (Engine.prompt_ids); safe from any thread."""
+        return self.engine.prompt_ids(prompt)
 
     def loop(self) -> None:
         while not self.stopping:
@@ -74,8 +91,7 @@ class AsyncEngine:
                 outputs = self.engine.step()
             except Exception as error:
                 print(f"gpt2engine: engine step failed: {error!r}", file=sys.stderr, flush=True)
-                outputs = [self.engine.fail(r, error) for r in list(self.engine.requests.values())]
-                self.engine.reset()
+                outputs = self.engine.fail_all(error)
             for output in outputs:
                 self.deliver(output)
 
@@ -89,8 +105,7 @@ class AsyncEngine:
             if isinstance(message, _Add):
                 self.admit(message)
             elif message is None:  # abort everything (draining) or stop
-                for request_id in list(self.engine.requests):
-                    self.engine.abort(request_id)
+                self.engine.abort_all()
             else:
                 self.engine.abort(message)
             try:

@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from gpt2engine.engine.request import GenerationOptions, Request, Status, StepOutput, TextState
+from gpt2engine.engine.request import FinishReason, GenerationOptions, Request, Status, StepOutput, TextState
 from gpt2engine.engine.runner import Runner
 from gpt2engine.engine.scheduler import Scheduler
 from gpt2engine.errors import GPT2EngineError
@@ -101,10 +101,21 @@ class Engine:
             self.finish(request, "abort")
             self.ended.append(StepOutput(request, None, "", None, True))
 
-    def finish(self, request: Request, reason: str, error: str | None = None) -> None:
+    def finish(self, request: Request, reason: FinishReason, error: str | None = None) -> None:
         request.status, request.finish_reason, request.error = Status.FINISHED, reason, error
         self.scheduler.remove(request)
         self.requests.pop(request.request_id, None)
+
+    def abort_all(self) -> None:
+        """Abort every request, running or waiting (a server draining)."""
+        for request_id in list(self.requests):
+            self.abort(request_id)
+
+    def fail_all(self, error: Exception) -> list[StepOutput]:
+        """End every request with `error` and start afresh (a step failed outside any request)."""
+        outputs = [self.fail(request, error) for request in list(self.requests.values())]
+        self.reset()
+        return outputs
 
     def reset(self) -> None:
         """Drop every request (after Ctrl-C landed somewhere inside a step)."""
@@ -112,6 +123,24 @@ class Engine:
         self.scheduler = Scheduler(s.max_batch, s.max_queue, s.prefill_chunk)
         self.requests.clear()
         self.ended.clear()
+
+    def prompt_ids(self, prompt: str | list[int]) -> list[int]:
+        """A prompt as token ids, checked against both vocabularies (text is encoded)."""
+        return prompt_ids(self.model, self.tokenizer, prompt)
+
+    @property
+    def running(self) -> int:
+        """Requests holding a cache row."""
+        return self.scheduler.rows_in_use
+
+    @property
+    def waiting(self) -> int:
+        """Requests queued for a row."""
+        return len(self.scheduler.waiting)
+
+    @property
+    def max_batch(self) -> int:
+        return self.scheduler.max_batch
 
     def has_work(self) -> bool:
         """Requests to run, or aborts that the next step() still has to report."""

@@ -10,6 +10,7 @@ runner's free rows do), slots rounded up to a power of two from 128, up to the c
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable
 
@@ -43,8 +44,8 @@ class GraphedDecode:
         pool = torch.cuda.graph_pool_handle() if capture else None
         for rows in reversed(self.batch_sizes):  # the largest first: the smaller reuse its memory
             for length in reversed(self.lengths):
-                self.steps[rows, length] = self.captured(rows, length, pool) if capture else (
-                    lambda rows=rows, length=length: self.forward(rows, length))
+                self.steps[rows, length] = (self.captured(rows, length, pool) if capture
+                                            else functools.partial(self.forward, rows, length))
 
     @classmethod
     def build(cls, model: GPT2, cache: list[KVCache]) -> GraphedDecode | None:

@@ -134,6 +134,13 @@ class Request:
         return self.text.token_ids
 
     @property
+    def held_row(self) -> int:
+        """The cache row of a scheduled request (the scheduler gave it one on admission)."""
+        if self.row is None:
+            raise RuntimeError(f"request {self.request_id} holds no cache row")
+        return self.row
+
+    @property
     def position(self) -> int:
         """The position of the next token to feed: the last generated one's."""
         return len(self.prompt_ids) + len(self.text.token_ids) - 1

@@ -95,7 +95,7 @@ class Runner:
     def prefill(self, request: Request, start: int, stop: int) -> torch.Tensor | None:
         """Write prompt tokens [start, stop) into the request's row -> logits of the last prompt
         token (V,) when this chunk ends the prompt, else None."""
-        device, row = self.model.device, request.row
+        device, row = self.model.device, request.held_row
         ids = torch.tensor([request.prompt_ids[start:stop]], device=device)  # (1, T)
         positions = torch.arange(start, stop, device=device)[None]  # (1, T)
         view = [layer.rows(row, row + 1) for layer in self.cache]
@@ -110,11 +110,11 @@ class Runner:
     @torch.inference_mode()
     def decode(self, requests: list[Request]) -> torch.Tensor:
         """Feed each request's last token (rows 0..hi-1 in one batch) -> their logits (n, V)."""
-        hi = max(r.row for r in requests) + 1
+        hi = max(r.held_row for r in requests) + 1
         tokens = [0] * hi
         positions = [self.max_len - 1] * hi  # rows not decoding write the never-read last slot
         for r in requests:
-            tokens[r.row], positions[r.row] = r.output_ids[-1], r.position
+            tokens[r.held_row], positions[r.held_row] = r.output_ids[-1], r.position
         length = max(r.position for r in requests) + 1
         if self.fused_step is not None:  # the whole step in one call of our kernels
             logits = self.fused_step(tokens, positions)  # (hi, V)

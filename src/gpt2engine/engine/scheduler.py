@@ -60,7 +60,8 @@ class Scheduler:
             request.row, request.status = heapq.heappop(self.free_rows), Status.PREFILLING
             self.active[request.row] = request
             admitted.append(request)
-        prefill, budget = [], self.prefill_chunk
+        prefill: list[PrefillChunk] = []
+        budget = self.prefill_chunk
         for request in sorted(self.active.values(), key=lambda r: r.arrival):
             if request.status is not Status.PREFILLING:
                 continue
@@ -70,7 +71,7 @@ class Scheduler:
             prefill.append(PrefillChunk(request, request.prefilled, stop))
             budget -= stop - request.prefilled
         decode = [r for r in self.active.values() if r.status is Status.DECODING]
-        return Schedule(admitted, prefill, sorted(decode, key=lambda r: r.row))
+        return Schedule(admitted, prefill, sorted(decode, key=lambda r: r.held_row))
 
     def remove(self, request: Request) -> None:
         """Take a finished or aborted request out: free its row, or drop it from the queue."""

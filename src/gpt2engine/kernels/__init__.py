@@ -15,10 +15,11 @@ rest.
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -30,19 +31,20 @@ from gpt2engine.native import KERNELS, cpu_flags, load
 MAX_ROWS = 128  # beyond this (long prefill chunks, evaluation windows) a GEMM is the faster one
 MAX_ATTENTION_SLOTS = 8192  # attention.c keeps a row's scores on the stack
 FORMAT_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}  # kernels.h, by storage dtype
+CFunction = Callable[..., Any]  # a C function of native.KERNELS, its types set from native.py's table
 
 
 @dataclass(frozen=True)
 class Kernels:
-    linear: ctypes._CFuncPtr
-    decode_step: ctypes._CFuncPtr  # its structs are step.py's
-    convert: ctypes._CFuncPtr
-    rows_finite: ctypes._CFuncPtr
-    rows_argmax: ctypes._CFuncPtr
-    prefill_attention: ctypes._CFuncPtr
-    gelu_tanh: ctypes._CFuncPtr
-    quantize: ctypes._CFuncPtr  # the int8 GEMM's activations, as the int8 kernel quantizes them
-    dequantize: ctypes._CFuncPtr
+    linear: CFunction
+    decode_step: CFunction  # its structs are step.py's
+    convert: CFunction
+    rows_finite: CFunction
+    rows_argmax: CFunction
+    prefill_attention: CFunction
+    gelu_tanh: CFunction
+    quantize: CFunction  # the int8 GEMM's activations, as the int8 kernel quantizes them
+    dequantize: CFunction
 
 
 @functools.cache
@@ -72,7 +74,7 @@ def gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     rounded to bfloat16 where the CPU multiplies those natively; elsewhere the weights are widened
     to float32."""
     # x: (M, in) float32 -> (M, out) float32
-    if weight.dtype == torch.int8 and (kernels := compiled()) is not None:  # in and out of int8 in C
+    if weight.dtype == torch.int8 and scale is not None and (kernels := compiled()) is not None:  # in C
         (M, n), threads = x.shape, torch.get_num_threads()
         xq, x_scale = torch.empty(M, n, dtype=torch.int8), torch.empty(M)
         kernels.quantize(x.data_ptr(), M, n, xq.data_ptr(), x_scale.data_ptr(), threads)

@@ -12,8 +12,8 @@ from ctypes import POINTER, c_float, c_int, c_void_p
 
 import torch
 
-from gpt2engine.kernels import FORMAT_CODES, MAX_ATTENTION_SLOTS, compiled
-from gpt2engine.model import GPT2, KVCache, Linear
+from gpt2engine.kernels import FORMAT_CODES, MAX_ATTENTION_SLOTS, CFunction, compiled
+from gpt2engine.model import GPT2, Embedding, KVCache, Linear
 
 ACTIVATION_CODES = {"tanh": 2, "none": 3}  # kernels.h: GELU_TANH, GELU_ERF
 
@@ -40,7 +40,7 @@ def address(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def weight(module: torch.nn.Module) -> Weight:
+def weight(module: Linear | Embedding) -> Weight:
     w = module.weight
     return Weight(address(w), address(module.scale), address(getattr(module, "bias", None)),
                   FORMAT_CODES[w.dtype], w.shape[1], w.shape[0])
@@ -54,7 +54,7 @@ def fits(model: GPT2, cache: list[KVCache]) -> bool:
         wanted = FORMAT_CODES if id(t) in formatted else (torch.float32,)
         if t.device.type != "cpu" or t.dtype not in wanted or not t.is_contiguous() or t.requires_grad:
             return False
-    act = model.h[0].mlp.act.approximate
+    act = model.blocks[0].mlp.act.approximate
     return (len(cache) == len(model.h) and act in ACTIVATION_CODES
             and 0 < cache[0].k.shape[2] <= MAX_ATTENTION_SLOTS)
 
@@ -62,7 +62,7 @@ def fits(model: GPT2, cache: list[KVCache]) -> bool:
 class DecodeStep:
     """One decode step of `model` over `cache` (its rows 0..B-1) in one call of step.c."""
 
-    def __init__(self, model: GPT2, cache: list[KVCache], kernel: ctypes._CFuncPtr) -> None:
+    def __init__(self, model: GPT2, cache: list[KVCache], kernel: CFunction) -> None:
         c = model.config
         self.cache, self.kernel = cache, kernel
         # the tensors whose addresses the structs hold, kept alive even if the model's are replaced
@@ -71,9 +71,9 @@ class DecodeStep:
             Layer(address(b.ln_1.weight), address(b.ln_1.bias), weight(b.attn.c_attn), weight(b.attn.c_proj),
                   address(b.ln_2.weight), address(b.ln_2.bias), weight(b.mlp.c_fc), weight(b.mlp.c_proj),
                   address(layer.k), address(layer.v), b.attn.scale)
-            for b, layer in zip(model.h, cache, strict=True)))
+            for b, layer in zip(model.blocks, cache, strict=True)))
         self.struct = Model(c.n_layer, c.n_embd, c.n_head, c.mlp_width, cache[0].k.shape[2],
-                            ACTIVATION_CODES[model.h[0].mlp.act.approximate], c.layer_norm_epsilon,
+                            ACTIVATION_CODES[model.blocks[0].mlp.act.approximate], c.layer_norm_epsilon,
                             weight(model.wte), address(model.wpe.weight), self.layers,
                             address(model.ln_f.weight), address(model.ln_f.bias), weight(model.lm_head))
         self.vocab_size, self.rows, self.max_len = c.vocab_size, cache[0].k.shape[0], cache[0].k.shape[2]

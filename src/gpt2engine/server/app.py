@@ -22,7 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from gpt2engine import __version__
-from gpt2engine.engine import Engine, QueueFull, prompt_ids
+from gpt2engine.engine import Engine, QueueFull, StepOutput
 from gpt2engine.engine.async_engine import AsyncEngine
 from gpt2engine.errors import GPT2EngineError
 from gpt2engine.server.metrics import Metrics
@@ -55,16 +55,28 @@ class State:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.status = "loading"  # -> ready -> draining; or failed
-        self.engine: AsyncEngine | None = None
+        self.loaded: tuple[AsyncEngine, Metrics] | None = None
         self.inflight = 0
-        self.metrics: Metrics | None = None
         self.created = int(time.time())
 
     def attach(self, engine: Engine) -> None:
-        self.engine = AsyncEngine(engine)
-        self.metrics = Metrics(lambda: self.engine.running, lambda: self.engine.waiting,
-                               engine.scheduler.max_batch)
+        running = AsyncEngine(engine)
+        self.loaded = running, Metrics(lambda: running.running, lambda: running.waiting, running.max_batch)
         self.status = "ready"
+
+    def ready(self) -> tuple[AsyncEngine, Metrics]:
+        """The engine and its metrics; the gate lets no route that needs them run before loading."""
+        if self.loaded is None:
+            raise APIError(503, "the model is not loaded yet", kind="service_unavailable")
+        return self.loaded
+
+    @property
+    def engine(self) -> AsyncEngine:
+        return self.ready()[0]
+
+    @property
+    def metrics(self) -> Metrics:
+        return self.ready()[1]
 
 
 def error_response(error: APIError) -> JSONResponse:
@@ -134,7 +146,7 @@ def create_app(
     async def lifespan(app: FastAPI):
         threading.Thread(target=load_in_background, name="gpt2engine-load", daemon=True).start()
         yield
-        if state.engine is not None:
+        if state.loaded is not None:
             state.engine.close()
 
     app = FastAPI(title="gpt2engine", version=__version__, lifespan=lifespan,
@@ -182,32 +194,32 @@ def create_app(
 
     @app.get("/v1/models", summary="the served model")
     async def models() -> dict:
-        context = state.engine.engine.max_len
+        context = state.engine.max_len
         return {"object": "list", "data": [{"id": settings.model_name, "object": "model",
                                             "created": state.created, "owned_by": "gpt2engine",
                                             "max_model_len": context}]}
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
     async def metrics() -> Response:
-        body = state.metrics.render() if state.metrics else b""
+        body = state.metrics.render() if state.loaded else b""
         return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/tokenizer_info", summary="the tokenizer's special tokens (as vLLM serves them)")
     async def tokenizer_info() -> dict:
-        engine = state.engine.engine
+        engine = state.engine
         eot = "<|endoftext|>" if engine.tokenizer.eot_id is not None else None
         return {"eos_token": eot, "bos_token": eot, "pad_token": None, "unk_token": eot,
                 "model_max_length": engine.max_len, "tokenizer_class": "GPT2TokenizerFast"}
 
     @app.post("/tokenize", summary="text -> token ids")
     async def tokenize(body: TokenizeRequest) -> dict:
-        engine = state.engine.engine
+        engine = state.engine
         tokens = engine.tokenizer.encode(body.prompt)
         return {"tokens": tokens, "count": len(tokens), "max_model_len": engine.max_len}
 
     @app.post("/detokenize", summary="token ids -> text")
     async def detokenize(body: DetokenizeRequest) -> dict:
-        tokenizer = state.engine.engine.tokenizer
+        tokenizer = state.engine.tokenizer
         bad = [t for t in body.tokens if not 0 <= t < tokenizer.vocab_size]
         if bad:
             raise APIError(400, f"token id {bad[0]} is out of range [0, {tokenizer.vocab_size})", "tokens")
@@ -252,15 +264,15 @@ class Run:
 
 async def start_completion(state: State, body: CompletionRequest) -> Run:
     """Check the request and add its prompts x n choices to the engine (all or none)."""
-    engine = state.engine
-    tokenizer, context = engine.engine.tokenizer, engine.engine.max_len
-    completion_id, outputs = f"cmpl-{uuid.uuid4().hex}", asyncio.Queue()
+    engine, metrics = state.ready()
+    tokenizer, context = engine.tokenizer, engine.max_len
+    completion_id, outputs = f"cmpl-{uuid.uuid4().hex}", asyncio.Queue[StepOutput]()
     check(body)
     prompts = prompts_of(body)
     work = []
     for p, prompt in enumerate(prompts):
         try:
-            ids = prompt_ids(engine.engine.model, tokenizer, prompt)
+            ids = engine.prompt_ids(prompt)
         except GPT2EngineError as error:
             raise APIError(400, str(error), "prompt") from None
         work += [(p * body.n + c, ids, options_for(body, len(ids), context, c)) for c in range(body.n)]
@@ -279,7 +291,7 @@ async def start_completion(state: State, body: CompletionRequest) -> Run:
             state.inflight -= 1
             for request in requests:
                 engine.abort(request.request_id)
-    state.metrics.prompt_tokens.inc(sum(len(r.prompt_ids) for r in requests[:: body.n]))
+    metrics.prompt_tokens.inc(sum(len(r.prompt_ids) for r in requests[:: body.n]))
     choices = [Choice(i, tokenizer, body.logprobs is not None) for i, _, _ in work]
     return Run(completion_id, state.settings.model_name, requests, choices, outputs,
                time.monotonic(), body.echo, body.n)
@@ -288,7 +300,7 @@ async def start_completion(state: State, body: CompletionRequest) -> Run:
 async def outputs_of(state: State, run: Run) -> AsyncIterator[tuple[int, dict]]:
     """(choice index, chunk choice) for each engine output, with the metrics kept; aborts the
     run's unfinished requests however the caller stops listening."""
-    metrics, index = state.metrics, {r.request_id: i for i, r in enumerate(run.requests)}
+    (engine, metrics), index = state.ready(), {r.request_id: i for i, r in enumerate(run.requests)}
     echoed: set[int] = set()
     last_token: dict[int, float] = {}  # choice -> when its latest token came
     try:
@@ -317,7 +329,7 @@ async def outputs_of(state: State, run: Run) -> AsyncIterator[tuple[int, dict]]:
         state.inflight -= 1
         for request in run.requests:
             if not request.finished:  # the client went away
-                state.engine.abort(request.request_id)
+                engine.abort(request.request_id)
                 metrics.finished.labels("abort").inc()
                 metrics.aborted.inc()
 

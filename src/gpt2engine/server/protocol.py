@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -81,7 +81,8 @@ class DetokenizeRequest(Strict):
 
 def prompts_of(body: CompletionRequest) -> list[str | list[int]]:
     prompt = body.prompt
-    prompts = [prompt] if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)) else prompt
+    one = isinstance(prompt, str) or (prompt and isinstance(prompt[0], int))
+    prompts = cast("list[str | list[int]]", [prompt] if one else prompt)
     if not prompts:
         raise APIError(400, "prompt must not be an empty list", "prompt")
     if len(prompts) > MAX_PROMPTS:
@@ -180,7 +181,8 @@ class Choice:
     def echo(self, request: Request) -> dict[str, Any]:
         """The prompt, as the start of the choice, with its logprobs (the first one null)."""
         ids = request.prompt_ids
-        logprobs = [None, *request.prompt_logprobs] if self.want_logprobs else [None] * len(ids)
+        logprobs: list[TokenLogprob | None] = (
+            [None, *request.prompt_logprobs] if self.want_logprobs else [None] * len(ids))
         return self.add(self.tokenizer.decode(ids), ids, logprobs)
 
     def take(self, output: StepOutput) -> dict[str, Any]:

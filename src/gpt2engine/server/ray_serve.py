@@ -72,9 +72,10 @@ class ReplicaHeader:
 
 def replicas_running() -> int:
     from ray import serve
+    from ray.serve.schema import ReplicaState
 
     deployment = serve.status().applications[APP].deployments[DEPLOYMENT]
-    return deployment.replica_states.get("RUNNING", 0)
+    return deployment.replica_states.get(ReplicaState.RUNNING, 0)
 
 
 def application(spec: ReplicaSpec, scaling: Scaling, shutdown_timeout: float = 30.0):
@@ -110,6 +111,7 @@ def application(spec: ReplicaSpec, scaling: Scaling, shutdown_timeout: float = 3
         def load_failed(self, message: str) -> None:
             print(f"gpt2engine replica {self.name}: {message}", file=sys.stderr, flush=True)
 
+    sizing: dict[str, object]
     if scaling.replicas is not None:
         sizing = dict(num_replicas=scaling.replicas)
     else:
@@ -120,7 +122,8 @@ def application(spec: ReplicaSpec, scaling: Scaling, shutdown_timeout: float = 3
             downscale_delay_s=scaling.downscale_delay, look_back_period_s=window,
             metrics_interval_s=min(10.0, window / 2)))
     gpus = 1 if spec.device.startswith("cuda") else 0
-    deployment = serve.deployment(Replica).options(
+    # ray's overloads of serve.deployment read the class as a function: hence the ignore
+    deployment = serve.deployment(Replica).options(  # type: ignore[attr-defined]
         name=DEPLOYMENT, max_ongoing_requests=spec.max_batch, max_queued_requests=spec.max_queue,
         backpressure_config=BackpressureConfig(status_code=503, retry_after_s=float(RETRY_AFTER_SECONDS)),
         ray_actor_options={"num_cpus": spec.threads, "num_gpus": gpus},

@@ -20,13 +20,13 @@ import uvicorn
 
 from gpt2engine.engine import Engine
 from gpt2engine.errors import GPT2EngineError
-from gpt2engine.server.app import Settings, create_app
+from gpt2engine.server.app import Settings, State, create_app
 
 
 class DrainingServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, shutdown_timeout: float) -> None:
+    def __init__(self, config: uvicorn.Config, state: State, shutdown_timeout: float) -> None:
         super().__init__(config)
-        self.shutdown_timeout = shutdown_timeout
+        self.state, self.shutdown_timeout = state, shutdown_timeout
         self.load_error: str | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
 
@@ -35,20 +35,20 @@ class DrainingServer(uvicorn.Server):
         await super().serve(sockets)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        state = self.config.app.state.engine_state
-        if state.status == "draining" or self.loop is None:
+        state, loop = self.state, self.loop
+        if state.status == "draining" or loop is None:
             if sig == signal.SIGINT:  # a second Ctrl-C: stop now; a repeated SIGTERM changes nothing
                 self.should_exit = self.force_exit = True
             return
         state.status = "draining"
-        self.loop.call_soon_threadsafe(lambda: self.loop.create_task(self.drain()))
+        loop.call_soon_threadsafe(lambda: loop.create_task(self.drain()))
 
     async def drain(self) -> None:
-        state = self.config.app.state.engine_state
+        state = self.state
         deadline = time.monotonic() + self.shutdown_timeout
         while state.inflight and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        if state.inflight and state.engine is not None:
+        if state.inflight and state.loaded is not None:
             print(f"gpt2 serve: aborting {state.inflight} request(s) still running after "
                   f"{self.shutdown_timeout:g} s", file=sys.stderr, flush=True)
             state.engine.abort_all()
@@ -88,7 +88,7 @@ def serve(
     app = create_app(settings, load, lambda message: holder[0].fail_loading(message))
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
                             timeout_graceful_shutdown=5, lifespan="on")
-    server = DrainingServer(config, shutdown_timeout)
+    server = DrainingServer(config, app.state.engine_state, shutdown_timeout)
     holder.append(server)
     print(f"gpt2 serve: {describe}; listening on http://{host}:{port} (/health says 200 when "
           "loaded)", file=sys.stderr, flush=True)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from functools import cache
 from itertools import accumulate
 from pathlib import Path
+from typing import cast
 
 from gpt2engine import native
 from gpt2engine.errors import GPT2EngineError
@@ -193,13 +194,14 @@ def bpe_encoder(vocabulary: Vocabulary, where: str) -> Callable[[str], list[int]
             missing = (left, right, left + right)[ids.index(None)]
             raise GPT2EngineError(f"{where}: merge {rank + 1} ({left} {right}) needs token {missing!r}, "
                                   "which is not in the vocabulary")
-        merges[rank], merges[count + rank], merges[2 * count + rank] = ids
+        merges[rank], merges[count + rank], merges[2 * count + rank] = cast("tuple[int, int, int]", ids)
     if (shared := bpe_library()) is not None:
         return NativeBPE(shared, array("i", [tokens.get(ch, -1) for ch in byte_to_unicode()]), merges)
     from tokenizers import Tokenizer as Backend
     from tokenizers import models, pre_tokenizers
 
-    backend = Backend(models.BPE(tokens, [tuple(merge.split(" ")) for merge in vocabulary.merges]))
+    pairs = [(left, right) for left, right in (merge.split(" ") for merge in vocabulary.merges)]
+    backend = Backend(models.BPE(tokens, pairs))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # we add the space
     return lambda text: backend.encode(text, add_special_tokens=False).ids
 
