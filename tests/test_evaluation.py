@@ -1,7 +1,9 @@
 """Evaluation against log-likelihoods computed with transformers on the same checkpoint and text."""
 
+import copy
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -147,6 +149,16 @@ def test_rolling_loglikelihood_scores_every_token(engine, reference):
     long = loglikelihood_rolling(model, tokenizer, PROSE[:4000], max_length=128, stride=64)
     with_eot = perplexity(model, tokenizer, "<|endoftext|>" + PROSE[:4000], 128, 64)
     assert long == pytest.approx(-with_eot.nll, rel=RELATIVE)
+
+
+def test_scoring_from_no_context_needs_an_end_of_text_token(engine):
+    model, tokenizer = engine
+    without = copy.copy(tokenizer)
+    without.eot_id = None  # a tokenizer.json with no <|endoftext|>
+    for score in (lambda: loglikelihood_rolling(model, without, "Some text"),
+                  lambda: split_request(without, "", " an answer")):
+        with pytest.raises(GPT2EngineError, match=re.escape("has no <|endoftext|> to score")):
+            score()
 
 
 def greedy_word_passages(model, tokenizer, contexts) -> list[tuple[str, str]]:

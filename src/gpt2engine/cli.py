@@ -19,6 +19,11 @@ from typing import TYPE_CHECKING, NoReturn
 
 from gpt2engine.errors import GPT2EngineError
 from gpt2engine.runtime import DTYPES
+from gpt2engine.sampling_params import ROW_DEFAULTS, ROW_PARAMS, SamplingParams
+
+# Where the command line differs from the library: top-k 40, as OpenAI's GPT-2 release sampled
+# (plain temperature-1 sampling over the whole vocabulary reads badly)
+CLI_SAMPLING_DEFAULTS = {"top_k": 40}
 
 if TYPE_CHECKING:
     from gpt2engine.engine import GenerationResult
@@ -71,16 +76,10 @@ def add_generation_flags(parser: argparse.ArgumentParser, inherit: bool = False)
     add = shared_flag(parser.add_argument_group("generation"), inherit)
     add("--max-new-tokens", type=bounded_int(1, MAX_NEW_TOKENS), default=200, metavar="N",
         help="most tokens to generate per response (default: 200)")
-    add("--temperature", type=float, default=1.0, metavar="T",
-        help="0 = greedy; lower is more focused (default: 1.0)")
-    add("--top-k", type=int, default=40, metavar="K",
-        help="sample among the K likeliest tokens, 0 = off (default: 40, as OpenAI's GPT-2 release)")
-    add("--top-p", type=float, default=1.0, metavar="P",
-        help="nucleus sampling: the likeliest tokens up to probability P (default: 1.0 = off)")
-    add("--min-p", type=float, default=0.0, metavar="P",
-        help="drop tokens below P times the likeliest one's probability (default: 0 = off)")
-    add("--repetition-penalty", type=float, default=1.0, metavar="R",
-        help="> 1 discourages tokens already present (default: 1.0 = off)")
+    for name, param in ROW_PARAMS.items():  # every per-row sampling parameter, as declared there
+        default = CLI_SAMPLING_DEFAULTS.get(name, ROW_DEFAULTS[name])
+        add(f"--{name.replace('_', '-')}", type=int if param.integer else float, default=default,
+            metavar=param.metavar, help=f"{param.help} (default: {default:g})")
     add("--seed", type=int, help="make sampling reproducible")
     add("--stop", action="append", default=[], metavar="TEXT",
         help="end the response at TEXT (not printed); repeatable")
@@ -93,11 +92,8 @@ def add_generation_flags(parser: argparse.ArgumentParser, inherit: bool = False)
 
 def generation_options(args: argparse.Namespace):
     from gpt2engine.engine import GenerationOptions
-    from gpt2engine.sampling_params import SamplingParams
 
-    sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                              min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-                              seed=args.seed)
+    sampling = SamplingParams(**{name: getattr(args, name) for name in ROW_PARAMS}, seed=args.seed)
     return GenerationOptions(max_new_tokens=args.max_new_tokens, sampling=sampling,
                              stop=tuple(args.stop), ignore_eos=args.ignore_eos, truncate=args.truncate)
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gpt2engine.sampling_params import SamplingParams
+from gpt2engine.sampling_params import ROW_PARAMS, SamplingParams
 
 Param = float | torch.Tensor  # one value for every row, or a (B,) tensor of one per row
 
@@ -74,7 +74,8 @@ def apply_min_p(logits: torch.Tensor, min_p: Param) -> torch.Tensor:
 @dataclass(frozen=True)
 class RowSettings:
     """Each row's sampling parameters as (B,) tensors (temperature 0 on greedy rows, top_k 0 =
-    off), and the rows' SamplingParams, which say which steps any row needs."""
+    off), one per sampling_params.ROW_PARAMS, and the rows' SamplingParams, which say which steps
+    any row needs."""
 
     temperature: torch.Tensor
     top_k: torch.Tensor
@@ -99,14 +100,14 @@ class RowSettings:
 
     @classmethod
     def of(cls, params: list[SamplingParams], device: torch.device | str = "cpu") -> RowSettings:
-        def column(values, dtype=torch.float32):
-            return torch.tensor(values, dtype=dtype, device=device)
+        values = [p.row_values() for p in params]
+        return cls(**{name: torch.tensor([v[name] for v in values], dtype=row_dtype(name), device=device)
+                      for name in ROW_PARAMS}, params=params)
 
-        return cls(column([0.0 if p.greedy else p.temperature for p in params]),
-                   column([p.top_k for p in params], torch.long), column([p.top_p for p in params]),
-                   column([p.min_p for p in params]), column([p.repetition_penalty for p in params]),
-                   column([p.presence_penalty for p in params]),
-                   column([p.frequency_penalty for p in params]), params)
+
+def row_dtype(name: str) -> torch.dtype:
+    """The dtype of a per-row parameter's (B,) tensor."""
+    return torch.long if ROW_PARAMS[name].integer else torch.float32
 
 
 def process_rows(

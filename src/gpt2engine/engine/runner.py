@@ -18,8 +18,8 @@ from gpt2engine.engine.request import Request, TokenLogprob
 from gpt2engine.kernels import rows_argmax, rows_finite
 from gpt2engine.kernels.step import DecodeStep
 from gpt2engine.model import GPT2
-from gpt2engine.sampling import RowSettings, as_int64, draw, process_rows
-from gpt2engine.sampling_params import SamplingParams
+from gpt2engine.sampling import RowSettings, as_int64, draw, process_rows, row_dtype
+from gpt2engine.sampling_params import ROW_DEFAULTS, SamplingParams
 
 # Every step of the sampling pipeline, run once by warm_up
 WARM_UP_SAMPLING = SamplingParams(temperature=0.8, top_k=40, top_p=0.9, min_p=0.05, repetition_penalty=1.1,
@@ -43,13 +43,8 @@ class Runner:
         # produce an id the tokenizer lacks.
         self.vocab_limit = min(vocab_limit, model.config.vocab_size)
         B, V, device = max_batch, model.config.vocab_size, model.device
-        self.temperature = torch.ones(B, device=device)
-        self.top_k = torch.zeros(B, dtype=torch.long, device=device)
-        self.top_p = torch.ones(B, device=device)
-        self.min_p = torch.zeros(B, device=device)
-        self.repetition_penalty = torch.ones(B, device=device)
-        self.presence_penalty = torch.zeros(B, device=device)
-        self.frequency_penalty = torch.zeros(B, device=device)
+        self.row_params = {name: torch.full((B,), default, dtype=row_dtype(name), device=device)
+                           for name, default in ROW_DEFAULTS.items()}  # each (B,): sampling_params.py
         self.seeds = torch.zeros(B, dtype=torch.long, device=device)
         self.seen = torch.zeros(B, V, dtype=torch.bool, device=device)  # prompt and output tokens
         self.counts = torch.zeros(B, V, dtype=torch.int32, device=device)  # output tokens
@@ -62,11 +57,9 @@ class Runner:
 
     def assign(self, request: Request) -> None:
         """Set up the row's sampling state for a newly admitted request."""
-        row, params, V = request.row, request.options.sampling, self.model.config.vocab_size
-        for name in ("top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
-                     "frequency_penalty"):
-            getattr(self, name)[row] = getattr(params, name)
-        self.temperature[row] = 0.0 if params.greedy else params.temperature  # 0 marks greedy rows
+        row, params, V = request.held_row, request.options.sampling, self.model.config.vocab_size
+        for name, value in params.row_values().items():
+            self.row_params[name][row] = value
         self.seeds[row] = as_int64(request.seed)
         self.seen[row] = False
         self.seen[row, request.prompt_ids] = True
@@ -153,9 +146,8 @@ class Runner:
             logits = torch.nan_to_num(logits, nan=0.0)
         logprobs: list[TokenLogprob | None] = [None] * len(requests)
         raw = logits.log_softmax(dim=-1) if any(r.options.logprobs is not None for r in requests) else None
-        settings = RowSettings(self.temperature[rows], self.top_k[rows], self.top_p[rows], self.min_p[rows],
-                               self.repetition_penalty[rows], self.presence_penalty[rows],
-                               self.frequency_penalty[rows], params)
+        settings = RowSettings(**{name: column[rows] for name, column in self.row_params.items()},
+                               params=params)
         logits = process_rows(  # each (n, V) state is gathered only when some row uses it
             logits, self.seen[rows] if settings.uses_seen else None,
             self.counts[rows] if settings.uses_counts else None,

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from gpt2engine.engine import GenerationOptions, Request, StepOutput, TokenLogprob
 from gpt2engine.errors import GPT2EngineError
-from gpt2engine.sampling_params import MAX_SEED, SamplingParams
+from gpt2engine.sampling_params import MAX_SEED, ROW_PARAMS, SamplingParams
 from gpt2engine.tokenizer import Tokenizer
 
 MAX_N = 16  # choices per prompt
@@ -48,6 +48,7 @@ class CompletionRequest(Strict):
     prompt: str | list[str] | list[int] | list[list[int]] = Field(
         description="a string, a list of strings, a list of token ids or a list of such lists")
     max_tokens: int | None = Field(16, description="null: as many as the context leaves")
+    # one field per sampling_params.ROW_PARAMS, with OpenAI's defaults (tests/test_server.py checks)
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = Field(-1, description="-1 or 0: off")
@@ -127,11 +128,8 @@ def options_for(body: CompletionRequest, prompt_tokens: int, context: int, choic
     except ValueError:
         raise APIError(400, "logit_bias keys must be token ids", "logit_bias") from None
     try:
-        sampling = SamplingParams(
-            temperature=body.temperature, top_k=max(body.top_k, 0), top_p=body.top_p, min_p=body.min_p,
-            repetition_penalty=body.repetition_penalty, presence_penalty=body.presence_penalty,
-            frequency_penalty=body.frequency_penalty, logit_bias=bias,
-            seed=choice_seed(body.seed, choice))
+        row_values = {name: getattr(body, name) for name in ROW_PARAMS} | {"top_k": max(body.top_k, 0)}
+        sampling = SamplingParams(**row_values, logit_bias=bias, seed=choice_seed(body.seed, choice))
         return GenerationOptions(max_new_tokens=max_tokens, sampling=sampling, stop=tuple(stop),
                                  ignore_eos=body.ignore_eos, logprobs=body.logprobs,
                                  prompt_logprobs=body.logprobs if body.echo else None)
