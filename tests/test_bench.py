@@ -11,6 +11,8 @@ import pytest
 from gpt2engine import bench
 from gpt2engine.tokenizer import Tokenizer
 
+pytestmark = pytest.mark.slow
+
 GPT2 = [sys.executable, "-m", "gpt2engine.cli"]
 
 

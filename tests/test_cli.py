@@ -5,17 +5,18 @@ import json
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pexpect
 import pytest
 import torch
 
+from conftest import GPT2_COMMAND
 from gpt2engine.cli import BANNER, PROMPT
 from gpt2engine.generate import GenerationOptions, complete
 from gpt2engine.sampling_params import SamplingParams
 
-GPT2_COMMAND = str(Path(sys.executable).parent / "gpt2")
+pytestmark = pytest.mark.slow
+
 GREEDY_FLAGS = ["--temperature", "0", "--max-new-tokens", "12", "--ignore-eos"]
 
 

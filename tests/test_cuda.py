@@ -17,7 +17,8 @@ from gpt2engine.engine import Engine, GenerationOptions
 from gpt2engine.generate import complete
 from gpt2engine.sampling_params import SamplingParams
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")]
 GREEDY = SamplingParams(temperature=0)
 
 

@@ -61,6 +61,7 @@ def test_staggered_arrivals_each_get_their_solo_output(engine):
         assert "".join(o.text for o in outputs if o.request is request) == request.result().text
 
 
+@pytest.mark.slow
 def test_batch_invariance_on_the_124m_config(gpt2_124m_checkpoint, engine):
     _, tokenizer = engine
     model = GPT2.from_pretrained(gpt2_124m_checkpoint)

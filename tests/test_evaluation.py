@@ -5,13 +5,13 @@ import json
 import math
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import GPT2_COMMAND
 from gpt2engine import GPT2EngineError
 from gpt2engine.evaluation import (
     Span,
@@ -33,7 +33,6 @@ ROOT = Path(__file__).resolve().parent.parent
 LAMBADA = ROOT / "examples" / "lambada.jsonl"
 TEMPEST = (ROOT / "tests" / "data" / "tempest.txt").read_text()
 PROSE = TEMPEST[:12000]  # about 3,500 tokens of the play: ~55 windows of the 128-token model
-GPT2_COMMAND = str(Path(sys.executable).parent / "gpt2")
 RELATIVE = 1e-4
 
 
@@ -89,6 +88,7 @@ def test_perplexity_matches_transformers_on_prose(engine, reference, max_length,
         assert result.bits_per_byte == pytest.approx(result.nll / math.log(2) / scored_bytes)
 
 
+@pytest.mark.slow
 def test_batched_perplexity_equals_unbatched(engine):
     model, tokenizer = engine
     one = perplexity(model, tokenizer, PROSE, 100, 30, batch_size=1)
@@ -207,6 +207,7 @@ def run(*args):
     return subprocess.run([GPT2_COMMAND, "eval", *args], capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_perplexity_json_and_text(engine, tiny_checkpoint, tmp_path):
     model, tokenizer = engine
     second = tmp_path / "second.txt"
@@ -226,6 +227,7 @@ def test_cli_perplexity_json_and_text(engine, tiny_checkpoint, tmp_path):
     assert "tokens scored" in text.stdout
 
 
+@pytest.mark.slow
 def test_cli_lambada_and_choice(engine, tiny_checkpoint):
     model, tokenizer = engine
     result = run("lambada", str(LAMBADA), "--model", str(tiny_checkpoint), "--json")
@@ -236,6 +238,7 @@ def test_cli_lambada_and_choice(engine, tiny_checkpoint):
     assert "accuracy_norm " in result.stdout and "examples 4" in result.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("command", "content", "message"), [
     ("perplexity", b"", "empty"),
     ("perplexity", b"   \n\n", "empty"),
@@ -257,6 +260,7 @@ def test_bad_input_is_one_line_and_exit_1(tiny_checkpoint, tmp_path, command, co
     assert message in result.stderr
 
 
+@pytest.mark.slow
 def test_bad_window_settings(engine, tiny_checkpoint, tmp_path):
     model, tokenizer = engine
     with pytest.raises(GPT2EngineError, match=r"max length must be in \[2, 128\]"):

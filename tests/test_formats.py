@@ -12,8 +12,11 @@ from gpt2engine.formats import decode, encode
 from gpt2engine.runtime import pick_dtype
 from gpt2engine.weights import formatted_modules
 
-# The accuracy a format promises against float32, asserted below on the trained model.
-PERPLEXITY_TOLERANCE = 0.01  # relative
+# The accuracy a format promises against float32, asserted below on the trained model: about
+# 2.5 to 5 times what was measured (2026-11-26 Zen 4 and 2026-12-05 Sapphire Rapids): perplexity
+# -0.02% and -0.011% in bfloat16, +0.03% and +0.04% in int8; largest logit difference 0.02 in
+# bfloat16, 0.043 in int8.
+PERPLEXITY_TOLERANCE = {"bfloat16": 0.001, "int8": 0.002}  # relative
 LOGIT_TOLERANCE = {"bfloat16": 0.05, "int8": 0.15}  # largest absolute difference of a logit
 
 
@@ -54,6 +57,7 @@ def test_a_format_keeps_one_small_copy_of_each_weight(tiny_checkpoint, mode):
     assert sum(stored.values()) == small * width + 4 * scales + 4 * (model.config.parameter_count() - small)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["bfloat16", "int8"])
 def test_accuracy_against_float32_on_real_text(trained_checkpoint, mode):
     tokenizer = Tokenizer.from_pretrained(trained_checkpoint)
@@ -67,20 +71,21 @@ def test_accuracy_against_float32_on_real_text(trained_checkpoint, mode):
     assert (ours - reference).abs().max() <= LOGIT_TOLERANCE[mode]
     assert (decoded[0, 0] - reference[0, 0]).abs().max() <= LOGIT_TOLERANCE[mode]
     expected = perplexity(full, tokenizer, held_out, 128, 64).perplexity
-    assert expected < 3000  # trained: far below the 50,257 of a uniform guess
+    assert expected < 1300  # trained: 653 measured, where a uniform guess scores 50,257
     assert perplexity(small, tokenizer, held_out, 128, 64).perplexity == pytest.approx(
-        expected, rel=PERPLEXITY_TOLERANCE)
+        expected, rel=PERPLEXITY_TOLERANCE[mode])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["bfloat16", "int8"])
-def test_greedy_generation_runs_in_every_format_and_starts_as_float32(trained_checkpoint, mode):
+def test_greedy_generation_in_every_format_equals_float32s(trained_checkpoint, mode):
     tokenizer = Tokenizer.from_pretrained(trained_checkpoint)
     options = GenerationOptions(max_new_tokens=12, sampling=SamplingParams(temperature=0), ignore_eos=True)
     prompts = ["PROSPERO. Thou", "MIRANDA. O, I have suffered"]
     expected = complete(GPT2.from_pretrained(trained_checkpoint), tokenizer, prompts, options)
     ours = complete(GPT2.from_pretrained(trained_checkpoint, dtype=mode), tokenizer, prompts, options)
     for a, b in zip(expected, ours, strict=True):
-        assert len(b.token_ids) == 12 and a.token_ids[:3] == b.token_ids[:3]
+        assert b.token_ids == a.token_ids  # all 12 tokens, as measured on both machines
 
 
 def test_export_writes_the_weights_a_format_stands_for(tmp_path, tiny_checkpoint):

@@ -2,18 +2,17 @@
 
 import json
 import subprocess
-import sys
-from pathlib import Path
 
 import gguf
 import numpy as np
 import pytest
 
-from conftest import TINY_CONFIGS
+from conftest import GPT2_COMMAND, TINY_CONFIGS
 from gpt2engine import GPT2, GPT2EngineError
 from gpt2engine.gguf_export import export_gguf, gguf_name
 
-GPT2_COMMAND = str(Path(sys.executable).parent / "gpt2")
+pytestmark = pytest.mark.slow
+
 
 
 def field(reader: gguf.GGUFReader, key: str):

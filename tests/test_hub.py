@@ -15,6 +15,8 @@ from huggingface_hub.utils import filter_repo_objects
 
 from gpt2engine.hub import CONFIG_AND_TOKENIZER, PYTORCH_WEIGHTS, SAFETENSORS_WEIGHTS
 
+pytestmark = pytest.mark.slow  # each test loads in a child process
+
 COMMIT = "607a30d783dfa663caf39e06633721c8d4cfcd7e"
 LOAD = """
 import sys, torch

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # each test builds the kernels for another level
+
 # AVX2 + FMA, and plain C (one lane)
 OLDER_LEVELS = ["x86-64-v3", "x86-64"] if platform.machine() == "x86_64" else ["armv8-a"]
 TESTS = Path(__file__).parent

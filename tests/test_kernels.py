@@ -40,7 +40,6 @@ def test_matches_f_linear(rows, n_in, n_out, bias):
     expected = F.linear(x.double(), w.double(), None if b is None else b.double()).float()
     ours = linear(x, w, b)
     assert ours.shape == expected.shape and (ours - expected).abs().max() <= 1e-5
-    assert (F.linear(x, w, b) - expected).abs().max() <= 1e-5  # torch is no closer than 1e-5 either
 
 
 @torch.inference_mode()
@@ -64,6 +63,7 @@ def test_shapes_and_dtypes_it_does_not_take_go_to_torch():
     assert linear(x[:2], weight, None).requires_grad  # autograd keeps working
 
 
+@pytest.mark.slow
 def test_disabled_by_environment_is_torch_exactly():
     code = ("import torch, torch.nn.functional as F\n"
             "from gpt2engine.kernels import compiled, linear\n"
@@ -125,6 +125,7 @@ def test_int8_a_row_with_nan_or_inf_gives_nan_and_leaves_the_others(rows, n_in):
     assert torch.equal(y[[0, *range(3, rows)]], clean[[0, *range(3, rows)]])
 
 
+@pytest.mark.slow
 def test_formats_without_the_kernels_still_compute_through_torch():
     code = ("import torch, torch.nn.functional as F\n"
             "from gpt2engine.formats import decode, encode\n"

@@ -10,13 +10,15 @@ from types import SimpleNamespace
 
 import pytest
 
+from conftest import GPT2_COMMAND
 from gpt2engine import GPT2, Tokenizer
 from gpt2engine.evaluation import loglikelihood_rolling
 from gpt2engine.generate import GenerationOptions, complete
 from gpt2engine.sampling_params import SamplingParams
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parent.parent
-GPT2_COMMAND = str(Path(sys.executable).parent / "gpt2")
 LM_EVAL_COMMAND = str(Path(sys.executable).parent / "lm_eval")
 TASK = """\
 task: tiny_lambada

@@ -41,6 +41,7 @@ def test_tiny_configs_match_transformers(make_checkpoint, name):
     assert (cached_logits(model, ids, prefill=5) - expected).abs().max() <= TOLERANCE
 
 
+@pytest.mark.slow
 @torch.inference_mode()
 def test_gpt2_124m_matches_transformers_with_and_without_cache(gpt2_124m_pair):
     reference, model = gpt2_124m_pair
@@ -50,6 +51,7 @@ def test_gpt2_124m_matches_transformers_with_and_without_cache(gpt2_124m_pair):
     assert (cached_logits(model, ids, prefill=40) - expected).abs().max() <= TOLERANCE
 
 
+@pytest.mark.slow
 @torch.inference_mode()
 def test_gpt2_124m_full_context(gpt2_124m_pair):
     reference, model = gpt2_124m_pair

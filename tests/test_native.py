@@ -41,6 +41,7 @@ def test_the_exports_table_matches_the_c(library):
     assert defined - declared == set(library.exports)  # every function Python may call is in the table
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("library", [native.KERNELS, native.BPE], ids=lambda library: library.name)
 def test_each_library_builds_without_a_warning(library, tmp_path):
     compiler = shutil.which("cc") or shutil.which("gcc")
@@ -50,6 +51,7 @@ def test_each_library_builds_without_a_warning(library, tmp_path):
     assert done.returncode == 0, done.stderr
 
 
+@pytest.mark.slow
 def test_the_tokenizers_library_stands_apart_from_the_kernels(tmp_path):
     # built and loaded with the kernels switched off, and without OpenMP's runtime
     code = ("from pathlib import Path\n"

@@ -13,6 +13,8 @@ import openai
 import pytest
 from test_server import GPT2_COMMAND, NAME, Server, server, wait_until  # noqa: F401 (server: the plain server, compared with)
 
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+
 RAY = ("--ray", "--cpus-per-replica", "1", "--max-batch", "4")
 HEADER = "x-gpt2engine-replica"
 

@@ -6,21 +6,21 @@ import json
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
 from test_lm_eval_adapter import LM_EVAL_COMMAND, harness
 
+from conftest import GPT2_COMMAND
 from gpt2engine.evaluation import Span, score_spans
 from gpt2engine.generate import GenerationOptions, complete
 from gpt2engine.sampling_params import SamplingParams
 
-GPT2_COMMAND = str(Path(sys.executable).parent / "gpt2")
+pytestmark = pytest.mark.slow
+
 NAME = "tiny-gpt2"
 KEY = "sk-test-key"
 

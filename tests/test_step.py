@@ -102,6 +102,7 @@ print(json.dumps([r.token_ids for r in results]))
 """
 
 
+@pytest.mark.slow
 def test_generation_is_the_same_without_the_kernels(tiny_checkpoint):
     def generate(kernels: str) -> list[list[int]]:
         env = {**os.environ, "GPT2ENGINE_KERNELS": kernels}

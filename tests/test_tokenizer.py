@@ -169,6 +169,7 @@ def test_tokenizer_json_without_added_tokens(tmp_path, reference):
     assert 50256 not in ours.encode(text)
 
 
+@pytest.mark.slow
 def test_tokenizer_json_that_is_not_gpt2s_bpe_is_refused(tmp_path, reference):
     reference.backend_tokenizer.save(str(tmp_path / "tokenizer.json"))
     state = json.loads((tmp_path / "tokenizer.json").read_text(encoding="utf-8"))
