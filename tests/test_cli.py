@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import GPT2_COMMAND
-from gpt2engine.cli import BANNER, PROMPT
+from gpt2engine.cli.repl import BANNER, PROMPT
 from gpt2engine.generate import GenerationOptions, complete
 from gpt2engine.sampling_params import SamplingParams
 
@@ -223,7 +223,8 @@ def test_importing_the_engine_does_not_import_transformers_and_help_skips_torch(
 def test_flags_are_checked_and_the_tokenizer_parsed_before_torch_is_imported(tiny_checkpoint):
     """Python's memory that the tokenizer's parse frees is refilled by torch's import only when
     the parse comes first (4 MiB of an int8 model's peak)."""
-    code = ("import sys, gpt2engine.cli as cli, gpt2engine.tokenizer as t\n"
+    code = ("import sys, gpt2engine.tokenizer as t\n"
+            "from gpt2engine.cli import load as loading, parser as cli\n"
             "args = cli.parse(['--temperature', '0.5', '--stop', 'x', '--model', sys.argv[1]])\n"
             "assert 'torch' not in sys.modules, 'torch imported to check the flags'\n"
             "parse = t.Tokenizer.from_pretrained.__func__\n"
@@ -231,7 +232,7 @@ def test_flags_are_checked_and_the_tokenizer_parsed_before_torch_is_imported(tin
             "    assert 'torch' not in sys.modules, 'torch imported before the tokenizer'\n"
             "    return parse(cls, folder)\n"
             "t.Tokenizer.from_pretrained = classmethod(checked)\n"
-            "cli.load(args)\n"
+            "loading.load(args)\n"
             "assert 'torch' in sys.modules")
     result = subprocess.run([sys.executable, "-c", code, str(tiny_checkpoint)], capture_output=True,
                             text=True)

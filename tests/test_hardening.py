@@ -92,7 +92,7 @@ def test_lone_surrogates_through_the_api(engine, prompt):
 def test_the_repl_survives_bad_bytes(tiny_checkpoint):
     import pexpect
 
-    from gpt2engine.cli import PROMPT
+    from gpt2engine.cli.repl import PROMPT
 
     child = pexpect.spawn(GPT2_COMMAND, ["--model", str(tiny_checkpoint), "--max-new-tokens", "3", "--quiet"],
                           timeout=60)

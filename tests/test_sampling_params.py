@@ -4,7 +4,8 @@ requests and the engine's row tensors all follow that declaration."""
 import pytest
 
 from gpt2engine import GPT2EngineError, SamplingParams
-from gpt2engine.cli import CLI_SAMPLING_DEFAULTS, parse
+from gpt2engine.cli.flags import CLI_SAMPLING_DEFAULTS
+from gpt2engine.cli.parser import parse
 from gpt2engine.engine.runner import Runner
 from gpt2engine.sampling_params import ROW_DEFAULTS, ROW_PARAMS
 from gpt2engine.server.protocol import CompletionRequest, options_for

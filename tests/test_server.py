@@ -381,7 +381,8 @@ def test_every_route_answers_503_while_the_weights_load(engine):
     from fastapi.testclient import TestClient
 
     from gpt2engine.engine import Engine
-    from gpt2engine.server.app import Settings, create_app
+    from gpt2engine.server.app import create_app
+    from gpt2engine.server.settings import Settings
 
     release = threading.Event()
 

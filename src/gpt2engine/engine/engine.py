@@ -16,13 +16,11 @@ import torch
 
 from gpt2engine.engine.request import FinishReason, GenerationOptions, Request, Status, StepOutput, TextState
 from gpt2engine.engine.runner import Runner
-from gpt2engine.engine.scheduler import Scheduler
+from gpt2engine.engine.scheduler import DEFAULT_MAX_QUEUE, DEFAULT_PREFILL_CHUNK, Scheduler
 from gpt2engine.errors import GPT2EngineError
 from gpt2engine.model import GPT2
 from gpt2engine.runtime import check_vocabularies
 from gpt2engine.tokenizer import Tokenizer
-
-DEFAULT_PREFILL_CHUNK = 256
 
 
 def fit_prompt(ids: list[int], context: int, options: GenerationOptions) -> list[int]:
@@ -65,7 +63,8 @@ def prompt_ids(model: GPT2, tokenizer: Tokenizer, prompt: str | list[int]) -> li
 class Engine:
     def __init__(
         self, model: GPT2, tokenizer: Tokenizer, *, max_batch: int = 1, max_len: int | None = None,
-        max_queue: int = 64, prefill_chunk: int = DEFAULT_PREFILL_CHUNK, cuda_graphs: bool = True,
+        max_queue: int = DEFAULT_MAX_QUEUE, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+        cuda_graphs: bool = True,
     ) -> None:
         """`max_batch` cache rows of `max_len` positions (default: the model's context) each; on
         CUDA the decode step is captured as CUDA graphs unless not `cuda_graphs` (engine/graphs.py)."""

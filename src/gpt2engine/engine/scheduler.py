@@ -17,6 +17,9 @@ from dataclasses import dataclass
 from gpt2engine.engine.request import Request, Status
 from gpt2engine.errors import GPT2EngineError
 
+DEFAULT_MAX_QUEUE = 64  # requests waiting for a cache row
+DEFAULT_PREFILL_CHUNK = 256  # prompt tokens prefilled per step while other rows decode
+
 
 class QueueFull(GPT2EngineError):
     """The waiting queue is at its limit; try again later (HTTP 503 + Retry-After)."""

@@ -38,15 +38,9 @@ from gpt2engine.server.protocol import (
     prompts_of,
     usage,
 )
+from gpt2engine.server.settings import Settings
 
 RETRY_AFTER_SECONDS = "1"
-
-
-@dataclass
-class Settings:
-    model_name: str  # the name clients pass as `model`
-    api_key: str | None = None
-    max_body_bytes: int = 4 * 2**20
 
 
 class State:

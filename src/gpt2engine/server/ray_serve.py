@@ -19,7 +19,8 @@ import threading
 from dataclasses import dataclass
 
 from gpt2engine.errors import GPT2EngineError
-from gpt2engine.server.app import RETRY_AFTER_SECONDS, Settings, create_app
+from gpt2engine.server.app import RETRY_AFTER_SECONDS, create_app
+from gpt2engine.server.settings import DEFAULT_SHUTDOWN_TIMEOUT, Scaling, Settings
 
 APP, DEPLOYMENT = "gpt2engine", "gpt2engine"
 REPLICA_HEADER = b"x-gpt2engine-replica"
@@ -41,15 +42,6 @@ class ReplicaSpec:
     settings: Settings
     replicas_wanted: int  # /health is 200 once this many are running
     cuda_graphs: bool = True
-
-
-@dataclass(frozen=True)
-class Scaling:
-    replicas: int | None = None  # a fixed count; else autoscaling between min and max
-    min_replicas: int = 1
-    max_replicas: int = 1
-    upscale_delay: float = 30.0
-    downscale_delay: float = 600.0
 
 
 class ReplicaHeader:
@@ -78,7 +70,7 @@ def replicas_running() -> int:
     return deployment.replica_states.get(ReplicaState.RUNNING, 0)
 
 
-def application(spec: ReplicaSpec, scaling: Scaling, shutdown_timeout: float = 30.0):
+def application(spec: ReplicaSpec, scaling: Scaling, shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT):
     """The Ray Serve application: one deployment whose replicas each own an engine."""
     from ray import serve
     from ray.serve.config import AutoscalingConfig, BackpressureConfig

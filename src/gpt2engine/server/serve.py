@@ -20,7 +20,8 @@ import uvicorn
 
 from gpt2engine.engine import Engine
 from gpt2engine.errors import GPT2EngineError
-from gpt2engine.server.app import Settings, State, create_app
+from gpt2engine.server.app import State, create_app
+from gpt2engine.server.settings import Settings
 
 
 class DrainingServer(uvicorn.Server):

@@ -1,0 +1,47 @@
+"""`gpt2 export`: a Hugging Face checkpoint folder or a GGUF file, never over an existing file."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from gpt2engine.cli.flags import add_model_flags
+
+
+def add_export_command(commands: argparse._SubParsersAction) -> None:
+    export = commands.add_parser("export", help="write a Hugging Face checkpoint folder or a GGUF file",
+                                 description="Load --model and write it back in the Hugging Face "
+                                             "layout (config.json, model.safetensors, tokenizer "
+                                             "files) or as GGUF for llama.cpp. Existing files are "
+                                             "never overwritten.")
+    export.add_argument("output", metavar="FOLDER_OR_FILE",
+                        help="a folder (Hugging Face layout) or a .gguf file (--format gguf)")
+    export.add_argument("--format", choices=("hf", "gguf"), default="hf",
+                        help="hf: config.json + model.safetensors + tokenizer files (default); "
+                             "gguf: one file for llama.cpp")
+    export.add_argument("--gguf-type", choices=("f32", "f16", "bf16", "q8_0"), default="f32",
+                        help="GGUF weight type of the 2-D weights (default: f32)")
+    add_model_flags(export, inherit=True)
+    export.set_defaults(run=run_export)
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from gpt2engine.hub import resolve_checkpoint
+    from gpt2engine.pretrained import GPT2
+
+    out = Path(args.output)
+    if args.format == "gguf":
+        from gpt2engine.gguf_export import export_gguf
+        from gpt2engine.tokenizer import Tokenizer
+
+        source = resolve_checkpoint(args.model, args.revision)
+        export_gguf(GPT2.from_pretrained(source), Tokenizer.from_pretrained(source), out, args.gguf_type)
+        print(f"wrote {out} (GGUF, {args.gguf_type} weights)")
+        return 0
+    source = resolve_checkpoint(args.model, args.revision)
+    tokenizer_files = tuple(source / name for name in ("vocab.json", "merges.txt", "tokenizer.json")
+                            if (source / name).is_file())
+    GPT2.from_pretrained(source).save_pretrained(out, extra_files=tokenizer_files)
+    print(f"wrote {out} (config.json, model.safetensors"
+          + "".join(f", {p.name}" for p in tokenizer_files) + ")")
+    return 0

@@ -1,0 +1,122 @@
+"""The flags `gpt2` and its commands share, their types, and the parser that says a bad command
+line in one line. Plain Python: `gpt2 --help` and a bad flag cost no `import torch`."""
+
+from __future__ import annotations
+
+import argparse
+from typing import NoReturn
+
+from gpt2engine.errors import GPT2EngineError
+from gpt2engine.runtime import DTYPES
+from gpt2engine.sampling_params import ROW_DEFAULTS, ROW_PARAMS, SamplingParams
+
+# Where the command line differs from the library: top-k 40, as OpenAI's GPT-2 release sampled
+# (plain temperature-1 sampling over the whole vocabulary reads badly)
+CLI_SAMPLING_DEFAULTS = {"top_k": 40}
+
+MAX_NEW_TOKENS = 2**17  # no GPT-2 context is longer (GPT2Config's bound)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad command line is one line on stderr (and exit code 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def shared_flag(group: argparse._ArgumentGroup, inherit: bool):
+    """add_argument for a flag that `gpt2` and its commands share. In a command (`inherit`) its
+    default is left out, so a value given before the command name (`gpt2 --model M generate`)
+    is not replaced by the command's default."""
+
+    def add(*names: str, default=None, **options) -> None:
+        group.add_argument(*names, default=argparse.SUPPRESS if inherit else default, **options)
+
+    return add
+
+
+def add_model_flags(parser: argparse.ArgumentParser, inherit: bool = False) -> None:
+    add = shared_flag(parser.add_argument_group("model"), inherit)
+    add("--model", default="gpt2", metavar="NAME_OR_PATH",
+        help="a checkpoint folder or a Hugging Face Hub id (default: gpt2)")
+    add("--revision", help="Hub branch, tag or commit (default: main)")
+    add("--device", default="auto", type=device_name,
+        help="auto (CUDA when present, else CPU), cpu, cuda, cuda:1, mps, xpu")
+    add("--dtype", default="auto", choices=DTYPES,
+        help="weights and activations; auto = float32 on CPU, float16 on CUDA")
+    add("--quiet", action="store_true", default=False,
+        help="say nothing on stderr while loading (which checkpoint, from where, device, dtype)")
+
+
+def add_engine_flags(parser: argparse.ArgumentParser, inherit: bool = False) -> None:
+    """Flags of the commands that run the engine loop: the REPL, generate, serve."""
+    add = shared_flag(parser.add_argument_group("engine"), inherit)
+    add("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
+        help="on CUDA, capture the decode step as CUDA graphs, once at start-up (default: on)")
+
+
+def add_generation_flags(parser: argparse.ArgumentParser, inherit: bool = False) -> None:
+    add = shared_flag(parser.add_argument_group("generation"), inherit)
+    add("--max-new-tokens", type=bounded_int(1, MAX_NEW_TOKENS), default=200, metavar="N",
+        help="most tokens to generate per response (default: 200)")
+    for name, param in ROW_PARAMS.items():  # every per-row sampling parameter, as declared there
+        default = CLI_SAMPLING_DEFAULTS.get(name, ROW_DEFAULTS[name])
+        add(f"--{name.replace('_', '-')}", type=int if param.integer else float, default=default,
+            metavar=param.metavar, help=f"{param.help} (default: {default:g})")
+    add("--seed", type=int, help="make sampling reproducible")
+    add("--stop", action="append", default=[], metavar="TEXT",
+        help="end the response at TEXT (not printed); repeatable")
+    add("--ignore-eos", action="store_true", default=False, help="keep generating past <|endoftext|>")
+    add("--truncate", choices=("error", "left"), default="error",
+        help="a prompt that does not fit the context: error (default) or keep its most recent tokens (left)")
+    add("--stats", action="store_true", default=False,
+        help="after each response, print tokens, tokens/s and time to first token")
+
+
+def generation_options(args: argparse.Namespace):
+    from gpt2engine.engine import GenerationOptions
+
+    sampling = SamplingParams(**{name: getattr(args, name) for name in ROW_PARAMS}, seed=args.seed)
+    return GenerationOptions(max_new_tokens=args.max_new_tokens, sampling=sampling,
+                             stop=tuple(args.stop), ignore_eos=args.ignore_eos, truncate=args.truncate)
+
+
+def seconds(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < float("inf"):  # NaN fails too
+        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, got {text}")
+    return value
+
+
+def api_key(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
+def bounded_int(low: int, high: int | None = None):
+    """argparse type: an integer in [low, high] (no upper bound when high is None)."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if high is not None and not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be in [{low}, {high}], got {value}")
+        if value < low:
+            wanted = "a positive integer" if low == 1 else f"an integer >= {low}"
+            raise argparse.ArgumentTypeError(f"must be {wanted}, got {value}")
+        return value
+
+    parse.__name__ = "int"  # argparse's "invalid int value: 'x'"
+    return parse
+
+
+positive_int = bounded_int(1)
+
+
+def device_name(text: str) -> str:
+    from gpt2engine.runtime import check_device_name
+
+    try:
+        return check_device_name(text)
+    except GPT2EngineError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None

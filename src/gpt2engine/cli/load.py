@@ -1,0 +1,27 @@
+"""Loading what the flags name: the model and tokenizer (what is loading goes to stderr), and the
+one-row engine the REPL and `gpt2 generate` answer with."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def load(args: argparse.Namespace):
+    """The model and tokenizer the flags name, on the device and dtype they ask for; what is
+    loading goes to stderr (so scripts reading stdout are undisturbed) unless --quiet."""
+    from gpt2engine.runtime import load_pretrained
+
+    def say(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    return load_pretrained(args.model, args.revision, args.device, args.dtype,
+                           say=None if args.quiet else say)
+
+
+def load_engine(args: argparse.Namespace):
+    """One engine with one cache row: the REPL and `gpt2 generate` answer one prompt at a time."""
+    model, tokenizer = load(args)
+    from gpt2engine.engine import Engine  # after loading, which parses the tokenizer before torch
+
+    return Engine(model, tokenizer, max_batch=1, cuda_graphs=args.cuda_graphs)
