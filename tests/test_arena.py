@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from gpt2engine import GPT2
-from gpt2engine.arena import ALIGNMENT, HUGE_PAGE, Arena
+from gpt2engine.loading.arena import ALIGNMENT, HUGE_PAGE, Arena
 
 
 def mapping_flags(address: int) -> set[str]:

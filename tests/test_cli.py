@@ -211,7 +211,7 @@ def test_export_round_trips_through_transformers(tiny_checkpoint, tmp_path):
 
 
 def test_importing_the_engine_does_not_import_transformers_and_help_skips_torch():
-    code = ("import sys, gpt2engine, gpt2engine.cli, gpt2engine.generate, gpt2engine.weights; "
+    code = ("import sys, gpt2engine, gpt2engine.cli, gpt2engine.generate, gpt2engine.loading.weights; "
             "assert 'transformers' not in sys.modules, 'transformers imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
     help_only = ("import sys, contextlib, gpt2engine.cli as cli\n"

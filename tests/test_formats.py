@@ -9,8 +9,8 @@ from gpt2engine import GPT2, GenerationOptions, SamplingParams, Tokenizer, compl
 from gpt2engine.errors import GPT2EngineError
 from gpt2engine.evaluation import perplexity
 from gpt2engine.formats import decode, encode
-from gpt2engine.runtime import pick_dtype
-from gpt2engine.weights import formatted_modules
+from gpt2engine.loading.runtime import pick_dtype
+from gpt2engine.loading.weights import formatted_modules
 
 # The accuracy a format promises against float32, asserted below on the trained model: about
 # 2.5 to 5 times what was measured (2026-11-26 Zen 4 and 2026-12-05 Sapphire Rapids): perplexity

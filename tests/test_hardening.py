@@ -18,8 +18,8 @@ from safetensors.torch import save_file
 from conftest import GPT2_COMMAND, TINY_GPT2
 from gpt2engine import GPT2, GPT2EngineError, Tokenizer
 from gpt2engine.generate import GenerationOptions, complete
+from gpt2engine.loading.weights import read_tensors
 from gpt2engine.sampling_params import SamplingParams
-from gpt2engine.weights import read_tensors
 
 
 def gpt2(*args: str, stdin: bytes | None = None, timeout: float = 120) -> subprocess.CompletedProcess:

@@ -13,7 +13,7 @@ import sys
 import pytest
 from huggingface_hub.utils import filter_repo_objects
 
-from gpt2engine.hub import CONFIG_AND_TOKENIZER, PYTORCH_WEIGHTS, SAFETENSORS_WEIGHTS
+from gpt2engine.loading.hub import CONFIG_AND_TOKENIZER, PYTORCH_WEIGHTS, SAFETENSORS_WEIGHTS
 
 pytestmark = pytest.mark.slow  # each test loads in a child process
 

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 from conftest import TINY_CONFIGS, hf_model
 from gpt2engine import GPT2, GPT2EngineError
-from gpt2engine.weights import read_at
+from gpt2engine.loading.weights import read_at
 
 CONFIG = TINY_CONFIGS["odd-heads"]
 
@@ -239,7 +239,7 @@ def test_missing_folder_and_file_instead_of_folder(tmp_path, checkpoint):
 
 
 def test_read_at_reads_the_file_and_keeps_dtype_and_shape(tmp_path):
-    from gpt2engine.weights import read_safetensors
+    from gpt2engine.loading.weights import read_safetensors
 
     tensors = {"half": torch.randn(3, 5).to(torch.bfloat16), "none": torch.empty(0, 4, dtype=torch.int32)}
     save_file(tensors, tmp_path / "t.safetensors")

@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "Engine": "gpt2engine.engine",
-    "GPT2": "gpt2engine.pretrained",  # the model class with from_pretrained and save_pretrained
+    "GPT2": "gpt2engine.loading.pretrained",  # the model class with from_pretrained and save_pretrained
     "KVCache": "gpt2engine.model",
     "GPT2Config": "gpt2engine.config",
     "GPT2EngineError": "gpt2engine.errors",
@@ -50,7 +50,7 @@ if TYPE_CHECKING:  # the same names, for type checkers and editors
     from gpt2engine.errors import GPT2EngineError as GPT2EngineError
     from gpt2engine.generate import complete as complete
     from gpt2engine.generate import stream as stream
+    from gpt2engine.loading.pretrained import GPT2 as GPT2
     from gpt2engine.model import KVCache as KVCache
-    from gpt2engine.pretrained import GPT2 as GPT2
     from gpt2engine.sampling_params import SamplingParams as SamplingParams
     from gpt2engine.tokenizer import Tokenizer as Tokenizer

@@ -84,8 +84,8 @@ def default_checkpoint() -> Path:
     import torch
 
     from gpt2engine.config import GPT2Config
+    from gpt2engine.loading.pretrained import GPT2
     from gpt2engine.native import cache_dir
-    from gpt2engine.pretrained import GPT2
 
     folder = cache_dir() / "bench" / "gpt2-124m-random"
     if (folder / "model.safetensors").is_file():
@@ -105,8 +105,8 @@ def default_checkpoint() -> Path:
 
 def artifacts_dir(checkpoint: Path) -> Path:
     """Where the peers' copies of a checkpoint go: keyed by its path and its weights' size and age."""
+    from gpt2engine.loading.weights import weight_files
     from gpt2engine.native import cache_dir
-    from gpt2engine.weights import weight_files
 
     stamp = [str(checkpoint.resolve())] + [f"{f.stat().st_size}:{f.stat().st_mtime_ns}"
                                            for f in weight_files(checkpoint)]
@@ -123,7 +123,7 @@ def prepare(engine: str, mode: str, checkpoint: Path) -> Path:
         path = out / f"model-{mode}.gguf"
         if not path.is_file():
             from gpt2engine.gguf_export import export_gguf
-            from gpt2engine.pretrained import GPT2
+            from gpt2engine.loading.pretrained import GPT2
             from gpt2engine.tokenizer import Tokenizer
 
             path.unlink(missing_ok=True)
@@ -144,7 +144,7 @@ def prepare(engine: str, mode: str, checkpoint: Path) -> Path:
 class Ours:
     def __init__(self, path: str, mode: str, work: Workload) -> None:
         from gpt2engine.engine import Engine
-        from gpt2engine.runtime import load_pretrained
+        from gpt2engine.loading.runtime import load_pretrained
 
         model, tokenizer = load_pretrained(path, device="cpu", dtype=mode)
         rows = max(work.prefill_tokens + 1, work.prompt_tokens + work.new_tokens)  # as the peers size theirs
@@ -440,7 +440,7 @@ def report(rows: list[dict], checkpoint: Path, work: Workload, load_before: floa
 def main(args: argparse.Namespace) -> int:
     """`gpt2 bench`: see the module docstring."""
     from gpt2engine.config import GPT2Config
-    from gpt2engine.hub import resolve_checkpoint
+    from gpt2engine.loading.hub import resolve_checkpoint
 
     unknown = [e for e in args.engines if e not in MODES]
     if unknown:

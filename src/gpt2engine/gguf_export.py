@@ -13,9 +13,9 @@ import tempfile
 from pathlib import Path
 
 from gpt2engine.errors import GPT2EngineError
+from gpt2engine.loading.weights import dense_state_dict
 from gpt2engine.model import GPT2
 from gpt2engine.tokenizer import END_OF_TEXT, Tokenizer, read_vocabulary
-from gpt2engine.weights import dense_state_dict
 
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
 # our parameter name (after "h.{i}.") -> llama.cpp's tensor name (after "blk.{i}.")

@@ -18,7 +18,7 @@ from lm_eval.api.registry import register_model
 
 from gpt2engine.evaluation import loglikelihood, loglikelihood_rolling
 from gpt2engine.generate import GenerationOptions, complete
-from gpt2engine.runtime import load_pretrained
+from gpt2engine.loading.runtime import load_pretrained
 from gpt2engine.sampling_params import SamplingParams
 
 DEFAULT_BATCH_SIZE = 8

@@ -26,8 +26,8 @@ def add_export_command(commands: argparse._SubParsersAction) -> None:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from gpt2engine.hub import resolve_checkpoint
-    from gpt2engine.pretrained import GPT2
+    from gpt2engine.loading.hub import resolve_checkpoint
+    from gpt2engine.loading.pretrained import GPT2
 
     out = Path(args.output)
     if args.format == "gguf":

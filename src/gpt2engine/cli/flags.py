@@ -7,7 +7,7 @@ import argparse
 from typing import NoReturn
 
 from gpt2engine.errors import GPT2EngineError
-from gpt2engine.runtime import DTYPES
+from gpt2engine.loading.runtime import DTYPES
 from gpt2engine.sampling_params import ROW_DEFAULTS, ROW_PARAMS, SamplingParams
 
 # Where the command line differs from the library: top-k 40, as OpenAI's GPT-2 release sampled
@@ -114,7 +114,7 @@ positive_int = bounded_int(1)
 
 
 def device_name(text: str) -> str:
-    from gpt2engine.runtime import check_device_name
+    from gpt2engine.loading.runtime import check_device_name
 
     try:
         return check_device_name(text)

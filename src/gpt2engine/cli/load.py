@@ -10,7 +10,7 @@ import sys
 def load(args: argparse.Namespace):
     """The model and tokenizer the flags name, on the device and dtype they ask for; what is
     loading goes to stderr (so scripts reading stdout are undisturbed) unless --quiet."""
-    from gpt2engine.runtime import load_pretrained
+    from gpt2engine.loading.runtime import load_pretrained
 
     def say(message: str) -> None:
         print(message, file=sys.stderr, flush=True)

@@ -77,7 +77,7 @@ def run_serve(args: argparse.Namespace) -> int:
         raise GPT2EngineError(f"the server needs its extra ({error}): "
                               "pip install 'gpt2engine[server]'") from None
     from gpt2engine.engine import Engine
-    from gpt2engine.runtime import pick_device
+    from gpt2engine.loading.runtime import pick_device
 
     if not args.ray:  # (Ray replicas pick theirs on their own nodes)
         pick_device(args.device)  # a bad device fails here, before the port opens
@@ -96,7 +96,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def run_serve_on_ray(args: argparse.Namespace, settings) -> int:
-    from gpt2engine.hub import resolve_checkpoint
+    from gpt2engine.loading.hub import resolve_checkpoint
     from gpt2engine.server.ray_serve import ReplicaSpec, serve_on_ray
 
     resolve_checkpoint(args.model, args.revision)  # a missing checkpoint fails here, not in every replica

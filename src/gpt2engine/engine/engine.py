@@ -18,8 +18,8 @@ from gpt2engine.engine.request import FinishReason, GenerationOptions, Request, 
 from gpt2engine.engine.runner import Runner
 from gpt2engine.engine.scheduler import DEFAULT_MAX_QUEUE, DEFAULT_PREFILL_CHUNK, Scheduler
 from gpt2engine.errors import GPT2EngineError
+from gpt2engine.loading.runtime import check_vocabularies
 from gpt2engine.model import GPT2
-from gpt2engine.runtime import check_vocabularies
 from gpt2engine.tokenizer import Tokenizer
 
 

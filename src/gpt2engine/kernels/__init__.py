@@ -24,8 +24,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from gpt2engine.arena import Arena
 from gpt2engine.formats import STORAGE, decode
+from gpt2engine.loading.arena import Arena
 from gpt2engine.native import KERNELS, cpu_flags, load
 
 MAX_ROWS = 128  # beyond this (long prefill chunks, evaluation windows) a GEMM is the faster one

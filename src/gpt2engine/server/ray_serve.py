@@ -81,7 +81,7 @@ def application(spec: ReplicaSpec, scaling: Scaling, shutdown_timeout: float = D
             import torch
 
             from gpt2engine.engine import Engine
-            from gpt2engine.runtime import load_pretrained
+            from gpt2engine.loading.runtime import load_pretrained
 
             torch.set_num_threads(spec.threads)
             model, tokenizer = load_pretrained(spec.model, spec.revision, spec.device, spec.dtype)

@@ -25,7 +25,7 @@ from typing import cast
 
 from gpt2engine import native
 from gpt2engine.errors import GPT2EngineError
-from gpt2engine.hub import resolve_checkpoint
+from gpt2engine.loading.hub import resolve_checkpoint
 
 END_OF_TEXT = "<|endoftext|>"
 MAX_VOCAB = 2**22  # the largest vocabulary GPT2Config allows

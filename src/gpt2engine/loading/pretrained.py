@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 
+from gpt2engine.loading.runtime import pick_device, pick_dtype
+from gpt2engine.loading.weights import load_model, save_model
 from gpt2engine.model import GPT2
-from gpt2engine.runtime import pick_device, pick_dtype
-from gpt2engine.weights import load_model, save_model
 
 __all__ = ["GPT2"]
 

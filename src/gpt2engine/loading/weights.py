@@ -23,10 +23,10 @@ import torch
 from torch import nn
 
 from gpt2engine import formats, kernels
-from gpt2engine.arena import Arena, padded
 from gpt2engine.config import GPT2Config
 from gpt2engine.errors import GPT2EngineError
-from gpt2engine.hub import resolve_checkpoint
+from gpt2engine.loading.arena import Arena, padded
+from gpt2engine.loading.hub import resolve_checkpoint
 from gpt2engine.model import GPT2, Embedding, Linear
 
 # Conv1D weights: stored (in, out) in the checkpoint, transposed into Linear's (out, in).

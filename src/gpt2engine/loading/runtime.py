@@ -72,7 +72,7 @@ def load_pretrained(
     being loaded, from where, on which device and dtype, and how long it took."""
     import time
 
-    from gpt2engine.hub import resolve_checkpoint
+    from gpt2engine.loading.hub import resolve_checkpoint
     from gpt2engine.tokenizer import Tokenizer
 
     say = say or (lambda message: None)
@@ -84,7 +84,7 @@ def load_pretrained(
     # A broken tokenizer fails before the weights load. Parsed before torch is imported, the
     # parse's freed Python objects leave room that torch's import fills (4 MiB less at the peak).
     tokenizer = Tokenizer.from_pretrained(folder)
-    from gpt2engine.weights import load_model  # it imports torch, so after the tokenizer
+    from gpt2engine.loading.weights import load_model  # it imports torch, so after the tokenizer
 
     target = pick_device(device)
     compute, weight_format = pick_dtype(dtype, target)
