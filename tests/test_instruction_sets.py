@@ -56,3 +56,11 @@ def test_int8_gives_the_same_bits_on_every_level(march, tmp_path):
     for ours, other in zip(torch.load(mine), torch.load(theirs), strict=True):
         assert len(ours) == 1 or bool(ours[1].isnan().all())  # the row with an infinity is NaN, ...
         torch.testing.assert_close(other, ours, rtol=0, atol=0, equal_nan=True)  # ... the rest the same bits
+
+
+def test_torch_held_to_avx2_takes_the_float32_gemm_for_bfloat16_weights():
+    # the AVX2 machine emulated on an AVX-512 one (docs/kernels.md): torch's bfloat16 GEMM is slow there
+    code = "from gpt2engine.kernels import native_bf16; assert not native_bf16()"
+    held = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}
+    subprocess.run([sys.executable, "-c", code], check=True, env=held)
+

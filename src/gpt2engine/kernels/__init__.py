@@ -60,9 +60,11 @@ def compiled() -> Kernels | None:
 
 @functools.cache
 def native_bf16() -> bool:
-    """Whether this CPU multiplies bfloat16 natively (AVX-512 BF16, AMX), which makes torch's
-    bfloat16 GEMM faster than its float32 one (elsewhere it is several times slower)."""
-    return bool({"avx512_bf16", "amx_bf16"} & set(cpu_flags().split()))
+    """Whether this CPU multiplies bfloat16 natively (AVX-512 BF16, AMX) and torch may use it (not
+    held below AVX-512, as ATEN_CPU_CAPABILITY=avx2 holds it), which makes torch's bfloat16 GEMM
+    faster than its float32 one (elsewhere it is several times slower)."""
+    allowed = torch.backends.cpu.get_cpu_capability().startswith(("AVX512", "AMX"))
+    return allowed and bool({"avx512_bf16", "amx_bf16"} & set(cpu_flags().split()))
 
 
 def gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
