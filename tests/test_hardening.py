@@ -154,17 +154,6 @@ def test_extreme_legal_repetition_penalties_stay_finite(engine, penalty):
         assert len(tokens) == 20 and len(set(tokens)) > 1  # not token 0 repeated
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize(("flags", "message"), [
-    (["--temperature", "nan"], "temperature must be a finite number"),
-    (["--repetition-penalty", "1e30"], "repetition_penalty must be in"),
-    (["--repetition-penalty", "1e-40"], "repetition_penalty must be in"),
-    (["--top-p", "inf"], "top_p must be a finite number"),
-])
-def test_sampling_flags_out_of_the_safe_range_exit_2(flags, message):
-    assert_one_line_error(gpt2("generate", "Hi", *flags), 2, message)
-
-
 # 4. Model and tokenizer vocabularies
 @pytest.mark.slow
 def test_a_tokenizer_larger_than_the_model_is_refused(make_checkpoint):
@@ -245,18 +234,7 @@ def test_endless_input_is_cut_off_in_one_line(tiny_checkpoint, command):
     assert "MiB" in done.stderr and done.stderr.count("\n") == 1
 
 
-# 9. Validation gaps
-@pytest.mark.slow
-@pytest.mark.parametrize(("flags", "message"), [
-    (["--seed", str(2**64)], "seed must be an integer in"), (["--seed", "-1"], "seed must be"),
-    (["--device", "meta"], "device must be auto, cpu"), (["--device", "nonsense"], "device must be"),
-    (["--max-new-tokens", str(10**12)], "--max-new-tokens: must be in [1, 131072]"),
-])
-def test_bad_flag_values_exit_2_before_loading(flags, message):
-    done = gpt2("generate", "Hi", "--model", "/no/such/model", *flags)
-    assert_one_line_error(done, 2, message)
-
-
+# 9. Validation gaps (bad flag values: tests/test_cli_flags.py)
 @pytest.mark.slow
 def test_a_shard_index_naming_a_file_outside_the_folder(copy_of, tmp_path):
     folder = copy_of()
