@@ -25,11 +25,12 @@ def is_number(value: object) -> bool:
 class RowParam:
     """What declares a per-row sampling parameter, once: the engine keeps a (B,) tensor of it
     (engine/runner.py, sampling.RowSettings), the CLI a flag and the server a field of the same
-    name (cli.py, server/protocol.py). Adding one: a field here, and its step in sampling.py."""
+    name (cli/flags.py, server/protocol.py). Adding one: a field here, its step in sampling.py and
+    its field in protocol.py's CompletionRequest (tests/test_sampling_params.py checks all)."""
 
     rule: str  # what `check` asks, in the error message: "top_p must be in (0, 1]"
     check: Callable[[Any], bool]
-    help: str  # the CLI's, and the server's field description
+    help: str  # the CLI flag's help
     metavar: str  # the CLI flag's value, as `help` names it
     integer: bool = False
 
