@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import shutil
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +20,22 @@ if TYPE_CHECKING:
     import transformers
 
 GPT2_COMMAND = str(Path(sys.executable).parent / "gpt2")  # the installed command
+
+
+def run_gpt2(*args: str | bytes, stdin: str | bytes | None = None) -> subprocess.CompletedProcess[str]:
+    """The installed command (arguments may be bytes that are not UTF-8), its output as text."""
+    data = stdin.encode() if isinstance(stdin, str) else stdin
+    done = subprocess.run([GPT2_COMMAND, *args], input=data, capture_output=True, timeout=120)
+    return subprocess.CompletedProcess(done.args, done.returncode, done.stdout.decode(errors="replace"),
+                                       done.stderr.decode(errors="replace"))
+
+
+def assert_one_line_error(done: subprocess.CompletedProcess[str], code: int, message: str) -> None:
+    """The user's mistake said in one line on stderr, with exit status `code` and no traceback."""
+    assert done.returncode == code, done.stderr
+    assert "Traceback" not in done.stderr
+    errors = [line for line in done.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and message in errors[0], done.stderr
 
 VOCAB_SHA256 = {
     "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
@@ -95,11 +113,25 @@ def tiny_checkpoint(make_checkpoint) -> Path:
 
 
 @pytest.fixture(scope="session")
-def engine(tiny_checkpoint):
-    """Our model and tokenizer loaded from `tiny_checkpoint`."""
+def tiny_model(tiny_checkpoint):
+    """(model, tokenizer): ours, loaded from `tiny_checkpoint`."""
     from gpt2engine import GPT2, Tokenizer
 
     return GPT2.from_pretrained(tiny_checkpoint), Tokenizer.from_pretrained(tiny_checkpoint)
+
+
+@pytest.fixture
+def copy_of(tiny_checkpoint, tmp_path) -> Callable[..., Path]:
+    """A copy of `tiny_checkpoint` to damage, its config.json changed as asked."""
+    def make(**config_changes) -> Path:
+        folder = tmp_path / f"ckpt{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(tiny_checkpoint, folder)
+        if config_changes:
+            config = json.loads((folder / "config.json").read_text())
+            (folder / "config.json").write_text(json.dumps({**config, **config_changes}))
+        return folder
+
+    return make
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ import pexpect
 import pytest
 import torch
 
-from conftest import GPT2_COMMAND
+from conftest import GPT2_COMMAND, assert_one_line_error, run_gpt2
 from gpt2engine.cli.repl import BANNER, PROMPT
 from gpt2engine.generate import GenerationOptions, complete
 from gpt2engine.sampling_params import SamplingParams
@@ -20,13 +20,8 @@ pytestmark = pytest.mark.slow
 GREEDY_FLAGS = ["--temperature", "0", "--max-new-tokens", "12", "--ignore-eos"]
 
 
-def run(*args, stdin=None):
-    return subprocess.run([GPT2_COMMAND, *args], input=stdin, capture_output=True, text=True,
-                          timeout=120)
-
-
-def expected_text(engine, prompt, **options):
-    model, tokenizer = engine
+def expected_text(tiny_model, prompt, **options):
+    model, tokenizer = tiny_model
     options = GenerationOptions(**{"max_new_tokens": 12, "ignore_eos": True,
                                    "sampling": SamplingParams(temperature=0), **options})
     return complete(model, tokenizer, [prompt], options)[0]
@@ -49,8 +44,8 @@ def assert_exits_cleanly(child):
     assert "Traceback" not in child.before
 
 
-def test_repl_streams_the_answer_then_asks_again(repl, engine):
-    answer = expected_text(engine, "Hello there").text
+def test_repl_streams_the_answer_then_asks_again(repl, tiny_model):
+    answer = expected_text(tiny_model, "Hello there").text
     assert answer.strip()  # a non-empty answer, so the check below can fail
     repl.sendline("Hello there")
     repl.expect_exact(PROMPT)
@@ -98,11 +93,12 @@ def test_repl_reports_a_prompt_that_is_too_long_and_goes_on(repl):
 
 
 @pytest.mark.parametrize("flags_first", [False, True], ids=["flags-after", "flags-before-command"])
-def test_generate_prints_the_continuation(tiny_checkpoint, engine, flags_first):
+def test_generate_prints_the_continuation(tiny_checkpoint, tiny_model, flags_first):
     flags = ["--model", str(tiny_checkpoint), *GREEDY_FLAGS]
-    result = run(*flags, "generate", "Hello there") if flags_first else run("generate", "Hello there", *flags)
+    args = [*flags, "generate", "Hello there"] if flags_first else ["generate", "Hello there", *flags]
+    result = run_gpt2(*args)
     assert result.returncode == 0, result.stderr
-    assert result.stdout == expected_text(engine, "Hello there").text + "\n"
+    assert result.stdout == expected_text(tiny_model, "Hello there").text + "\n"
 
 
 @pytest.mark.parametrize(("flags", "expected"), [([], True), (["--no-cuda-graphs"], False),
@@ -123,20 +119,20 @@ def test_the_cuda_graphs_flag_reaches_the_engine(tiny_checkpoint, monkeypatch, c
     assert seen == [expected] and capsys.readouterr().out
 
 
-def test_generate_reads_stdin_and_prints_json(tiny_checkpoint, engine):
-    result = run("generate", "-", "--json", "--model", str(tiny_checkpoint), *GREEDY_FLAGS,
+def test_generate_reads_stdin_and_prints_json(tiny_checkpoint, tiny_model):
+    result = run_gpt2("generate", "-", "--json", "--model", str(tiny_checkpoint), *GREEDY_FLAGS,
                  stdin="A prompt from a pipe\n")
-    expected = expected_text(engine, "A prompt from a pipe\n")
+    expected = expected_text(tiny_model, "A prompt from a pipe\n")
     assert json.loads(result.stdout) == {
         "model": str(tiny_checkpoint), "text": expected.text, "finish_reason": "length",
         "prompt_tokens": expected.prompt_tokens, "completion_tokens": 12,
     }
 
 
-def test_generate_stop_string_and_stats(tiny_checkpoint, engine):
-    free = expected_text(engine, "Hello").text
+def test_generate_stop_string_and_stats(tiny_checkpoint, tiny_model):
+    free = expected_text(tiny_model, "Hello").text
     stop = free[5:9]
-    result = run("generate", "Hello", "--model", str(tiny_checkpoint), *GREEDY_FLAGS,
+    result = run_gpt2("generate", "Hello", "--model", str(tiny_checkpoint), *GREEDY_FLAGS,
                  "--stop", stop, "--stats")
     assert result.stdout == free[: free.index(stop)] + "\n"
     assert "tokens/s, first token after" in result.stderr
@@ -144,7 +140,7 @@ def test_generate_stop_string_and_stats(tiny_checkpoint, engine):
 
 def test_a_bad_flag_through_the_installed_command_is_one_line_and_exit_2():
     # every bad command line, in-process: tests/test_cli_flags.py
-    result = run("generate", "Hi", "--top-p", "1.5")
+    result = run_gpt2("generate", "Hi", "--top-p", "1.5")
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "top_p must be in (0, 1]" in result.stderr
     assert result.stdout == ""
@@ -176,7 +172,7 @@ def test_user_errors_are_one_line_and_exit_1(tiny_checkpoint, tmp_path, case, mo
         model = "gpt2"
         if case == "absent-device-offline":
             extra, expected = ["--device", "cuda:7"], "device 'cuda:7' is not usable"
-    result = run("generate", prompt, "--model", model, "--max-new-tokens", "5", "--quiet", *extra)
+    result = run_gpt2("generate", prompt, "--model", model, "--max-new-tokens", "5", "--quiet", *extra)
     assert result.returncode == 1
     assert result.stderr.startswith("gpt2: error: ") and result.stderr.count("\n") == 1
     assert expected in result.stderr and result.stdout == ""
@@ -186,7 +182,7 @@ def test_export_round_trips_through_transformers(tiny_checkpoint, tmp_path):
     import transformers
 
     out = tmp_path / "exported"
-    result = run("export", str(out), "--model", str(tiny_checkpoint))
+    result = run_gpt2("export", str(out), "--model", str(tiny_checkpoint))
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "merges.txt",
                                                       "model.safetensors", "vocab.json"]
@@ -196,7 +192,7 @@ def test_export_round_trips_through_transformers(tiny_checkpoint, tmp_path):
         original = transformers.GPT2LMHeadModel.from_pretrained(tiny_checkpoint).eval()(ids).logits
         assert torch.equal(exported, original)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    again = run("export", str(out), "--model", str(tiny_checkpoint))
+    again = run_gpt2("export", str(out), "--model", str(tiny_checkpoint))
     assert again.returncode == 1 and "refusing to overwrite" in again.stderr
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
@@ -228,3 +224,80 @@ def test_flags_are_checked_and_the_tokenizer_parsed_before_torch_is_imported(tin
     result = subprocess.run([sys.executable, "-c", code, str(tiny_checkpoint)], capture_output=True,
                             text=True)
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("data", [b"\xff\xfe", b"caf\xe9", b"ok \xed\xa0\x80 surrogate bytes"])
+def test_invalid_utf8_on_stdin_and_in_argv(tiny_checkpoint, data):
+    from_stdin = run_gpt2("generate", "-", "--model", str(tiny_checkpoint), "--quiet", stdin=data)
+    assert_one_line_error(from_stdin, 1, "stdin: not UTF-8 text")
+    in_argv = run_gpt2("generate", data, "--model", str(tiny_checkpoint), "--quiet")
+    assert_one_line_error(in_argv, 1, "text is not valid Unicode: lone surrogate")
+
+
+@pytest.mark.slow
+def test_the_repl_survives_bad_bytes(tiny_checkpoint):
+    import pexpect
+
+    from gpt2engine.cli.repl import PROMPT
+
+    child = pexpect.spawn(GPT2_COMMAND, ["--model", str(tiny_checkpoint), "--max-new-tokens", "3", "--quiet"],
+                          timeout=60)
+    child.expect_exact(PROMPT.encode())
+    child.sendline(b"\xff\xfe")
+    child.expect(rb"error: text is not valid Unicode: lone surrogate")
+    child.expect_exact(PROMPT.encode())
+    for line in (b"caf\xe9 au lait", b"\xed\xa0\x80", b"\x80"):  # readline may drop some bytes
+        child.sendline(line)
+        child.expect_exact(PROMPT.encode())
+    child.sendline(b"Hello")  # still answering
+    child.expect_exact(PROMPT.encode())
+    child.sendline(b"quit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0 and b"Traceback" not in child.before
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", [["eval", "perplexity", "/dev/zero"], ["generate", "-"]])
+def test_endless_input_is_cut_off_in_one_line(tiny_checkpoint, command):
+    with open("/dev/zero", "rb") as zeros:
+        done = subprocess.run([GPT2_COMMAND, *command, "--model", str(tiny_checkpoint), "--quiet"],
+                              stdin=zeros, capture_output=True, timeout=120, text=True)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "MiB" in done.stderr and done.stderr.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_loading_is_announced_on_stderr_and_quiet_says_nothing(tiny_checkpoint):
+    loud = run_gpt2("generate", "Hi", "--model", str(tiny_checkpoint), "--max-new-tokens", "2", "--seed", "4")
+    assert loud.returncode == 0 and "NumPy" not in loud.stderr
+    assert f"Loading weights from {tiny_checkpoint} on cpu, float32..." in loud.stderr
+    assert "Weights loaded successfully" in loud.stderr and "Loading" not in loud.stdout
+    quiet = run_gpt2("generate", "Hi", "--model", str(tiny_checkpoint), "--max-new-tokens", "2",
+                     "--seed", "4", "--quiet")
+    assert quiet.returncode == 0 and quiet.stderr == "" and quiet.stdout == loud.stdout
+
+
+INTERRUPTED_INSIDE_TORCH = """
+import builtins, os, signal, sys
+from gpt2engine.cli import main
+real_import = builtins.__import__
+
+def interrupt_inside_torch(name, *args, **kwargs):
+    if name.startswith("torch.") and "torch.nn" not in sys.modules:  # torch/__init__ is running
+        builtins.__import__ = real_import
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C, delivered at the next bytecode
+    return real_import(name, *args, **kwargs)
+
+builtins.__import__ = interrupt_inside_torch
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_torch_is_still_importing_is_quiet(tiny_checkpoint):
+    # the interrupt lands inside torch's own import, wherever that is on the clock
+    done = subprocess.run([sys.executable, "-c", INTERRUPTED_INSIDE_TORCH, "generate", "Hi", "--model",
+                           str(tiny_checkpoint)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 130 and "Traceback" not in done.stderr and done.stdout == ""

@@ -4,6 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import assert_one_line_error, run_gpt2
 from gpt2engine import GPT2Config, GPT2EngineError
 
 
@@ -103,3 +104,10 @@ def test_any_json_config_is_accepted_or_refused_with_our_error(raw):
         assert str(error) and "\n" not in str(error)
         return
     assert config.parameter_count() > 0 and config.n_embd % config.n_head == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("eps", [float("nan"), -1e-5, 0, "1e-5"])
+def test_bad_layer_norm_epsilon(copy_of, eps):
+    done = run_gpt2("generate", "Hi", "--model", str(copy_of(layer_norm_epsilon=eps)), "--quiet")
+    assert_one_line_error(done, 1, "layer_norm_epsilon must be a number")

@@ -86,18 +86,18 @@ def test_a_failed_capture_falls_back_to_eager_with_a_warning(long_context, monke
     assert len(request.output_ids) == 5
 
 
-def test_sixteen_clients_on_cuda(tiny_checkpoint, engine):
+def test_sixteen_clients_on_cuda(tiny_checkpoint, tiny_model):
     server = test_server.Server(tiny_checkpoint, "--device", "cuda", "--dtype", "float32", "--max-batch", "4")
     try:
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=60)
-        test_server.test_sixteen_staggered_clients_each_get_their_solo_output(server, client, engine)
+        test_server.test_sixteen_staggered_clients_each_get_their_solo_output(server, client, tiny_model)
     finally:
         code, err = server.stop()
     assert code == 0 and "Traceback" not in err, err
 
 
-def test_the_repl_on_cuda(tiny_checkpoint, engine):
-    model, tokenizer = engine
+def test_the_repl_on_cuda(tiny_checkpoint, tiny_model):
+    model, tokenizer = tiny_model
     expected = complete(model, tokenizer, ["Hello there"],
                         GenerationOptions(max_new_tokens=6, sampling=GREEDY))[0].text
     done = subprocess.run([test_server.GPT2_COMMAND, "--model", str(tiny_checkpoint), "--device", "cuda",

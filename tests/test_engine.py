@@ -40,9 +40,9 @@ def alone(engine_pair, i: int) -> list[int]:
     return complete(model, tokenizer, [PROMPTS[i]], options(i))[0].token_ids
 
 
-def test_staggered_arrivals_each_get_their_solo_output(engine):
+def test_staggered_arrivals_each_get_their_solo_output(tiny_model):
     """Fewer rows than requests, a small prefill chunk, requests joining every other step."""
-    model, tokenizer = engine
+    model, tokenizer = tiny_model
     core = Engine(model, tokenizer, max_batch=3, prefill_chunk=8)
     requests, outputs, step = [], [], 0
     while len(requests) < len(PROMPTS) or core.has_work():
@@ -55,15 +55,15 @@ def test_staggered_arrivals_each_get_their_solo_output(engine):
     assert core.scheduler.rows_in_use == 0
     for i, request in enumerate(requests):
         assert request.finish_reason == "length"
-        assert request.output_ids == alone(engine, i), f"request {i} differs from its solo output"
+        assert request.output_ids == alone(tiny_model, i), f"request {i} differs from its solo output"
         streamed = [o.token_id for o in outputs if o.request is request and o.token_id is not None]
         assert streamed == request.output_ids
         assert "".join(o.text for o in outputs if o.request is request) == request.result().text
 
 
 @pytest.mark.slow
-def test_batch_invariance_on_the_124m_config(gpt2_124m_checkpoint, engine):
-    _, tokenizer = engine
+def test_batch_invariance_on_the_124m_config(gpt2_124m_checkpoint, tiny_model):
+    _, tokenizer = tiny_model
     model = GPT2.from_pretrained(gpt2_124m_checkpoint)
     pair = (model, tokenizer)
     core = Engine(model, tokenizer, max_batch=4, prefill_chunk=16)
@@ -79,8 +79,8 @@ def test_batch_invariance_on_the_124m_config(gpt2_124m_checkpoint, engine):
         assert request.output_ids == complete(*pair, [prompt], greedy)[0].token_ids
 
 
-def test_a_long_prompt_is_prefilled_in_chunks_while_others_keep_decoding(engine):
-    model, tokenizer = engine
+def test_a_long_prompt_is_prefilled_in_chunks_while_others_keep_decoding(tiny_model):
+    model, tokenizer = tiny_model
     core = Engine(model, tokenizer, max_batch=2, prefill_chunk=4)
     running = core.add_request("Hi", GenerationOptions(max_new_tokens=60, sampling=GREEDY, ignore_eos=True))
     core.step()
@@ -93,8 +93,8 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_others_keep_decoding(engine)
     assert long.prefilled == len(long.prompt_ids) and len(long.output_ids) == 1
 
 
-def test_abort_frees_the_row_for_the_next_request(engine):
-    model, tokenizer = engine
+def test_abort_frees_the_row_for_the_next_request(tiny_model):
+    model, tokenizer = tiny_model
     core = Engine(model, tokenizer, max_batch=1)
     first = core.add_request("Hello", GenerationOptions(max_new_tokens=50, ignore_eos=True))
     second = core.add_request("World", GenerationOptions(max_new_tokens=3, sampling=GREEDY, ignore_eos=True))
@@ -109,8 +109,8 @@ def test_abort_frees_the_row_for_the_next_request(engine):
     assert second.output_ids == complete(model, tokenizer, ["World"], second.options)[0].token_ids
 
 
-def test_the_waiting_queue_is_bounded(engine):
-    model, tokenizer = engine
+def test_the_waiting_queue_is_bounded(tiny_model):
+    model, tokenizer = tiny_model
     core = Engine(model, tokenizer, max_batch=1, max_queue=1)
     core.add_request("a")  # takes the free row at the next step
     core.add_request("b")  # waits
@@ -118,8 +118,8 @@ def test_the_waiting_queue_is_bounded(engine):
         core.add_request("c")
 
 
-def test_a_failing_request_fails_alone(engine, monkeypatch):
-    model, tokenizer = engine
+def test_a_failing_request_fails_alone(tiny_model, monkeypatch):
+    model, tokenizer = tiny_model
     core = Engine(model, tokenizer, max_batch=3)
     prefill = core.runner.prefill
 
@@ -134,11 +134,11 @@ def test_a_failing_request_fails_alone(engine, monkeypatch):
     while core.has_work():
         core.step()
     assert bad.finish_reason == "error" and "boom" in bad.error
-    assert [r.output_ids for r in good] == [alone(engine, 0), alone(engine, 2)]
+    assert [r.output_ids for r in good] == [alone(tiny_model, 0), alone(tiny_model, 2)]
 
 
-def test_non_finite_logits_are_an_error_not_a_token(tiny_checkpoint, engine):
-    _, tokenizer = engine
+def test_non_finite_logits_are_an_error_not_a_token(tiny_checkpoint, tiny_model):
+    _, tokenizer = tiny_model
     model = GPT2.from_pretrained(tiny_checkpoint)
     model.lm_head.weight = torch.nn.Parameter(model.wte.weight.clone(), requires_grad=False)
     poisoned = tokenizer.encode(" zebra")[0]
@@ -154,8 +154,8 @@ def test_non_finite_logits_are_an_error_not_a_token(tiny_checkpoint, engine):
         complete(model, tokenizer, ["a zebra"])
 
 
-def test_a_padded_vocabulary_never_yields_ids_the_tokenizer_lacks(make_checkpoint, engine):
-    _, tokenizer = engine
+def test_a_padded_vocabulary_never_yields_ids_the_tokenizer_lacks(make_checkpoint, tiny_model):
+    _, tokenizer = tiny_model
     model = GPT2.from_pretrained(make_checkpoint(**{**TINY_GPT2, "vocab_size": 50304}))
     model.wte.weight[50257:] *= 100  # the padding rows would win every argmax
     with torch.inference_mode():
@@ -166,10 +166,10 @@ def test_a_padded_vocabulary_never_yields_ids_the_tokenizer_lacks(make_checkpoin
         assert all(t < 50257 for t in result.token_ids) and len(result.token_ids) == 8
 
 
-def test_logprobs_are_the_models_own(engine):
+def test_logprobs_are_the_models_own(tiny_model):
     """Prompt logprobs equal the evaluation module's scores; a generated token's logprob is its
     log-softmax, and the top-N are the N likeliest."""
-    model, tokenizer = engine
+    model, tokenizer = tiny_model
     prompt = tokenizer.encode(PROMPTS[2])
     core = Engine(model, tokenizer, max_batch=2, prefill_chunk=5)
     request = core.add_request(prompt, GenerationOptions(max_new_tokens=3, sampling=GREEDY,
@@ -198,6 +198,6 @@ def test_logprobs_are_the_models_own(engine):
                                                  ([50257], "token id 50257 is out of range"),
                                                  ([1, "a"], "a string or a list of integer token ids"),
                                                  (None, "a string or a list of integer token ids")])
-def test_bad_prompts_are_refused(engine, prompt, message):
+def test_bad_prompts_are_refused(tiny_model, prompt, message):
     with pytest.raises(GPT2EngineError, match=message):
-        Engine(*engine).add_request(prompt)
+        Engine(*tiny_model).add_request(prompt)

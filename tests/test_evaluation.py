@@ -76,8 +76,8 @@ def test_windows_score_every_token_after_the_first_once(n, length, stride):
 
 
 @pytest.mark.parametrize(("max_length", "stride"), [(128, 64), (128, 128), (100, 37), (16, 8)])
-def test_perplexity_matches_transformers_on_prose(engine, reference, max_length, stride):
-    model, tokenizer = engine
+def test_perplexity_matches_transformers_on_prose(tiny_model, reference, max_length, stride):
+    model, tokenizer = tiny_model
     result = perplexity(model, tokenizer, PROSE, max_length, stride, batch_size=4)
     expected, counted = reference_perplexity(reference, tokenizer.encode(PROSE), max_length, stride)
     assert result.tokens == counted
@@ -89,8 +89,8 @@ def test_perplexity_matches_transformers_on_prose(engine, reference, max_length,
 
 
 @pytest.mark.slow
-def test_batched_perplexity_equals_unbatched(engine):
-    model, tokenizer = engine
+def test_batched_perplexity_equals_unbatched(tiny_model):
+    model, tokenizer = tiny_model
     one = perplexity(model, tokenizer, PROSE, 100, 30, batch_size=1)
     for batch_size in (3, 8):
         batched = perplexity(model, tokenizer, PROSE, 100, 30, batch_size=batch_size)
@@ -98,8 +98,8 @@ def test_batched_perplexity_equals_unbatched(engine):
         assert batched.nll == pytest.approx(one.nll, rel=1e-6)
 
 
-def test_text_shorter_than_one_window_is_one_window(engine, reference):
-    model, tokenizer = engine
+def test_text_shorter_than_one_window_is_one_window(tiny_model, reference):
+    model, tokenizer = tiny_model
     text = "Full fathom five thy father lies."
     result = perplexity(model, tokenizer, text)
     expected, counted = reference_perplexity(reference, tokenizer.encode(text), 128, 64)
@@ -116,8 +116,8 @@ REQUESTS = [
 ]
 
 
-def test_loglikelihood_matches_transformers(engine, reference):
-    model, tokenizer = engine
+def test_loglikelihood_matches_transformers(tiny_model, reference):
+    model, tokenizer = tiny_model
     ours = loglikelihood(model, tokenizer, REQUESTS, batch_size=3)
     for (context, continuation), score in zip(REQUESTS, ours, strict=True):
         ids = split_request(tokenizer, context, continuation)
@@ -129,8 +129,8 @@ def test_loglikelihood_matches_transformers(engine, reference):
                                                                tokenizer.encode(" question"))
 
 
-def test_greedy_flag_is_true_for_what_greedy_decoding_produces(engine):
-    model, tokenizer = engine
+def test_greedy_flag_is_true_for_what_greedy_decoding_produces(tiny_model):
+    model, tokenizer = tiny_model
     options = GenerationOptions(max_new_tokens=5, sampling=SamplingParams(temperature=0), ignore_eos=True)
     [result] = complete(model, tokenizer, ["The storm"], options)
     context_ids = tokenizer.encode("The storm")
@@ -138,8 +138,8 @@ def test_greedy_flag_is_true_for_what_greedy_decoding_produces(engine):
     assert score.greedy
 
 
-def test_rolling_loglikelihood_scores_every_token(engine, reference):
-    model, tokenizer = engine
+def test_rolling_loglikelihood_scores_every_token(tiny_model, reference):
+    model, tokenizer = tiny_model
     text = "Our revels now are ended. These our actors, as I foretold you, were all spirits."
     ids = [tokenizer.eot_id, *tokenizer.encode(text)]
     with torch.inference_mode():
@@ -151,8 +151,8 @@ def test_rolling_loglikelihood_scores_every_token(engine, reference):
     assert long == pytest.approx(-with_eot.nll, rel=RELATIVE)
 
 
-def test_scoring_from_no_context_needs_an_end_of_text_token(engine):
-    model, tokenizer = engine
+def test_scoring_from_no_context_needs_an_end_of_text_token(tiny_model):
+    model, tokenizer = tiny_model
     without = copy.copy(tokenizer)
     without.eot_id = None  # a tokenizer.json with no <|endoftext|>
     for score in (lambda: loglikelihood_rolling(model, without, "Some text"),
@@ -175,8 +175,8 @@ def greedy_word_passages(model, tokenizer, contexts) -> list[tuple[str, str]]:
     return passages
 
 
-def test_lambada_matches_transformers(engine, reference):
-    model, tokenizer = engine
+def test_lambada_matches_transformers(tiny_model, reference):
+    model, tokenizer = tiny_model
     contexts = [f"{w} {v} and then" for w in ("The storm", "A quiet night", "Her keys", "He ran", "We sang")
                 for v in ("came", "fell", "rose", "went")]
     requests = read_lambada(LAMBADA) + greedy_word_passages(model, tokenizer, contexts)
@@ -189,8 +189,8 @@ def test_lambada_matches_transformers(engine, reference):
     assert result["perplexity"] == pytest.approx(math.exp(-sum(lp for lp, _ in expected) / n), rel=RELATIVE)
 
 
-def test_multiple_choice_matches_transformers(engine, reference):
-    model, tokenizer = engine
+def test_multiple_choice_matches_transformers(tiny_model, reference):
+    model, tokenizer = tiny_model
     records = read_choices(ROOT / "examples" / "choice.jsonl")
     result = multiple_choice(model, tokenizer, records, batch_size=5)
     correct = correct_norm = 0
@@ -208,8 +208,8 @@ def run(*args):
 
 
 @pytest.mark.slow
-def test_cli_perplexity_json_and_text(engine, tiny_checkpoint, tmp_path):
-    model, tokenizer = engine
+def test_cli_perplexity_json_and_text(tiny_model, tiny_checkpoint, tmp_path):
+    model, tokenizer = tiny_model
     second = tmp_path / "second.txt"
     second.write_text(TEMPEST[20000:24000])
     files = [str(ROOT / "tests" / "data" / "tempest.txt"), str(second)]
@@ -228,8 +228,8 @@ def test_cli_perplexity_json_and_text(engine, tiny_checkpoint, tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_lambada_and_choice(engine, tiny_checkpoint):
-    model, tokenizer = engine
+def test_cli_lambada_and_choice(tiny_model, tiny_checkpoint):
+    model, tokenizer = tiny_model
     result = run("lambada", str(LAMBADA), "--model", str(tiny_checkpoint), "--json")
     expected = lambada(model, tokenizer, read_lambada(LAMBADA))
     assert json.loads(result.stdout) == pytest.approx(expected, rel=RELATIVE)
@@ -261,8 +261,8 @@ def test_bad_input_is_one_line_and_exit_1(tiny_checkpoint, tmp_path, command, co
 
 
 @pytest.mark.slow
-def test_bad_window_settings(engine, tiny_checkpoint, tmp_path):
-    model, tokenizer = engine
+def test_bad_window_settings(tiny_model, tiny_checkpoint, tmp_path):
+    model, tokenizer = tiny_model
     with pytest.raises(GPT2EngineError, match=r"max length must be in \[2, 128\]"):
         perplexity(model, tokenizer, PROSE, max_length=129)
     with pytest.raises(GPT2EngineError, match=r"stride must be in \[1, max length = 64\], got 65"):

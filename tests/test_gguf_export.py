@@ -20,8 +20,8 @@ def field(reader: gguf.GGUFReader, key: str):
 
 
 @pytest.mark.parametrize("weight_type", ["f32", "q8_0", "f16"])
-def test_export_reads_back(tiny_checkpoint, engine, tmp_path, weight_type):
-    model, tokenizer = engine
+def test_export_reads_back(tiny_checkpoint, tiny_model, tmp_path, weight_type):
+    model, tokenizer = tiny_model
     out = tmp_path / "model.gguf"
     done = subprocess.run([GPT2_COMMAND, "export", str(out), "--model", str(tiny_checkpoint),
                            "--format", "gguf", "--gguf-type", weight_type], capture_output=True, text=True)
@@ -52,8 +52,8 @@ def test_export_reads_back(tiny_checkpoint, engine, tmp_path, weight_type):
             assert tensor.ndim == 2  # only matrices are quantized
 
 
-def test_export_refuses_what_llama_cpp_cannot_run_and_never_overwrites(make_checkpoint, engine, tmp_path):
-    _, tokenizer = engine
+def test_export_refuses_what_llama_cpp_cannot_run_and_never_overwrites(make_checkpoint, tiny_model, tmp_path):
+    _, tokenizer = tiny_model
     scaled = GPT2.from_pretrained(make_checkpoint(**{**TINY_CONFIGS["scaled-by-layer"], "vocab_size": 50257}))
     with pytest.raises(GPT2EngineError, match="scale_attn_by_inverse_layer_idx"):
         export_gguf(scaled, tokenizer, tmp_path / "a.gguf")
@@ -62,15 +62,15 @@ def test_export_refuses_what_llama_cpp_cannot_run_and_never_overwrites(make_chec
         export_gguf(small_vocab, tokenizer, tmp_path / "b.gguf")
     existing = tmp_path / "c.gguf"
     existing.write_bytes(b"keep me")
-    model, _ = engine
+    model, _ = tiny_model
     with pytest.raises(GPT2EngineError, match="refusing to overwrite"):
         export_gguf(model, tokenizer, existing)
     assert existing.read_bytes() == b"keep me"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.gguf"]  # no half files left behind
 
 
-def test_tokenizer_round_trip_through_gguf_vocabulary(engine, tmp_path):
-    model, tokenizer = engine
+def test_tokenizer_round_trip_through_gguf_vocabulary(tiny_model, tmp_path):
+    model, tokenizer = tiny_model
     export_gguf(model, tokenizer, tmp_path / "m.gguf")
     tokens = field(gguf.GGUFReader(tmp_path / "m.gguf"), "tokenizer.ggml.tokens")
     vocab = json.loads((tokenizer.folder / "vocab.json").read_text(encoding="utf-8"))

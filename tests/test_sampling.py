@@ -12,6 +12,7 @@ from transformers import (
 )
 
 from gpt2engine import GPT2EngineError
+from gpt2engine.generate import GenerationOptions, complete
 from gpt2engine.sampling import (
     apply_min_p,
     apply_penalties,
@@ -188,3 +189,21 @@ def test_filtered_tokens_are_never_drawn(logits):
 def test_invalid_parameters(params, message):
     with pytest.raises(GPT2EngineError, match=message):
         SamplingParams(**params)
+
+
+def test_tiny_temperatures_are_greedy_not_garbage(tiny_model):
+    greedy = GenerationOptions(max_new_tokens=10, sampling=SamplingParams(temperature=0), ignore_eos=True)
+    expected = complete(*tiny_model, ["Once upon"], greedy)[0].token_ids
+    for temperature in (1e-40, 1e-30, 1e-6):
+        options = GenerationOptions(max_new_tokens=10, ignore_eos=True,
+                                    sampling=SamplingParams(temperature=temperature, seed=1))
+        assert complete(*tiny_model, ["Once upon"], options)[0].token_ids == expected
+
+
+@pytest.mark.parametrize("penalty", [0.01, 100.0])
+def test_extreme_legal_repetition_penalties_stay_finite(tiny_model, penalty):
+    for sampling in (SamplingParams(temperature=0, repetition_penalty=penalty),
+                     SamplingParams(repetition_penalty=penalty, seed=3)):
+        options = GenerationOptions(max_new_tokens=20, sampling=sampling, ignore_eos=True)
+        tokens = complete(*tiny_model, ["the the the the"], options)[0].token_ids
+        assert len(tokens) == 20 and len(set(tokens)) > 1  # not token 0 repeated

@@ -47,8 +47,8 @@ def test_each_parameter_is_a_request_field_that_reaches_the_request(name):
     assert getattr(defaults, name) == ROW_DEFAULTS[name]  # OpenAI's top_k -1 ("off") is our 0
 
 
-def test_the_engine_keeps_a_row_tensor_per_parameter(engine):
-    model, tokenizer = engine
+def test_the_engine_keeps_a_row_tensor_per_parameter(tiny_model):
+    model, tokenizer = tiny_model
     runner = Runner(model, max_batch=3, max_len=16, vocab_limit=tokenizer.vocab_size)
     assert set(runner.row_params) == set(ROW_PARAMS)
     assert all(column.shape == (3,) for column in runner.row_params.values())

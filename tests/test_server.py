@@ -91,58 +91,59 @@ def long_context(make_checkpoint):
 GREEDY = SamplingParams(temperature=0)
 
 
-def library(engine, prompt, max_tokens=12, sampling=GREEDY, **options):
-    model, tokenizer = engine
+def library(tiny_model, prompt, max_tokens=12, sampling=GREEDY, **options):
+    model, tokenizer = tiny_model
     options = GenerationOptions(max_new_tokens=max_tokens, sampling=sampling, **options)
     return complete(model, tokenizer, [prompt], options)[0]
 
 
-def test_completion_through_the_openai_client(client, engine):
+def test_completion_through_the_openai_client(client, tiny_model):
     result = client.completions.create(model=NAME, prompt="Hello there", max_tokens=12, temperature=0)
-    expected = library(engine, "Hello there")
+    expected = library(tiny_model, "Hello there")
     assert result.choices[0].text == expected.text
     assert result.choices[0].finish_reason == expected.finish_reason
     assert (result.usage.prompt_tokens, result.usage.completion_tokens) == (2, expected.completion_tokens)
     assert [m.id for m in client.models.list().data] == [NAME]
 
 
-def test_streamed_completion_with_usage(client, engine):
+def test_streamed_completion_with_usage(client, tiny_model):
     chunks = list(client.completions.create(model=NAME, prompt="Once upon a time", max_tokens=20,
                                             temperature=0, stream=True,
                                             stream_options={"include_usage": True}))
-    expected = library(engine, "Once upon a time", max_tokens=20)
+    expected = library(tiny_model, "Once upon a time", max_tokens=20)
     assert len(chunks) > 2
     assert "".join(c.choices[0].text for c in chunks if c.choices) == expected.text
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == expected.completion_tokens
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == expected.finish_reason
 
 
-def test_token_id_prompts_and_several_prompts(client, engine):
-    _, tokenizer = engine
+def test_token_id_prompts_and_several_prompts(client, tiny_model):
+    _, tokenizer = tiny_model
     ids = tokenizer.encode("The isle is full of noises")
     by_ids = client.completions.create(model=NAME, prompt=ids, max_tokens=10, temperature=0)
-    assert by_ids.choices[0].text == library(engine, "The isle is full of noises", max_tokens=10).text
+    assert by_ids.choices[0].text == library(tiny_model, "The isle is full of noises", max_tokens=10).text
     prompts = ["First prompt", "Second"]
     several = client.completions.create(model=NAME, prompt=[tokenizer.encode(p) for p in prompts],
                                         max_tokens=6, temperature=0)
     assert [c.text for c in sorted(several.choices, key=lambda c: c.index)] == [
-        library(engine, p, max_tokens=6).text for p in prompts]
+        library(tiny_model, p, max_tokens=6).text for p in prompts]
 
 
-def test_n_choices_are_seeded_and_distinct(client, engine):
+def test_n_choices_are_seeded_and_distinct(client, tiny_model):
     result = client.completions.create(model=NAME, prompt="Be not afeard", max_tokens=12, n=3, seed=7,
                                        temperature=1.0, extra_body={"ignore_eos": True})
     texts = [c.text for c in sorted(result.choices, key=lambda c: c.index)]
     assert len(set(texts)) == 3
-    assert texts[0] == library(engine, "Be not afeard", sampling=SamplingParams(seed=7), ignore_eos=True).text
+    seeded = library(tiny_model, "Be not afeard", sampling=SamplingParams(seed=7), ignore_eos=True)
+    assert texts[0] == seeded.text
     again = client.completions.create(model=NAME, prompt="Be not afeard", max_tokens=12, n=3, seed=7,
                                       extra_body={"ignore_eos": True})
     assert [c.text for c in sorted(again.choices, key=lambda c: c.index)] == texts
     assert result.usage.completion_tokens == 36
 
 
-def test_logprobs_and_echo_equal_the_library_loglikelihoods(client, engine):
-    model, tokenizer = engine
+def test_logprobs_and_echo_equal_the_library_loglikelihoods(client, tiny_model):
+    model, tokenizer = tiny_model
     prompt = "The quality of mercy is not strained"
     result = client.completions.create(model=NAME, prompt=prompt, max_tokens=2, temperature=0,
                                        logprobs=3, echo=True)
@@ -167,9 +168,9 @@ def test_lm_eval_local_completions_scores_like_the_library(server, tiny_checkpoi
     assert served["perplexity,none"] == pytest.approx(ours["perplexity,none"], rel=1e-4)
 
 
-def test_sixteen_staggered_clients_each_get_their_solo_output(server, client, engine):
+def test_sixteen_staggered_clients_each_get_their_solo_output(server, client, tiny_model):
     prompts = [f"Client {i} says" + " hello" * (i % 5) for i in range(16)]
-    expected = [library(engine, p, max_tokens=8 + i, ignore_eos=True).text for i, p in enumerate(prompts)]
+    expected = [library(tiny_model, p, max_tokens=8 + i, ignore_eos=True).text for i, p in enumerate(prompts)]
     results: dict[int, str] = {}
 
     def ask(i: int) -> None:
@@ -237,8 +238,8 @@ def test_malformed_and_oversized_bodies(server, content, status, kind):
     assert response.status_code == status and kind in response.json()["error"]["message"]
 
 
-def test_other_routes(server, engine):
-    _, tokenizer = engine
+def test_other_routes(server, tiny_model):
+    _, tokenizer = tiny_model
     chat = server.post("/v1/chat/completions", {"messages": []})
     assert chat.status_code == 404 and "/v1/completions" in chat.json()["error"]["message"]
     assert httpx.get(f"{server.url}/nowhere").status_code == 404
@@ -376,7 +377,7 @@ def test_serve_errors_are_one_line(tiny_checkpoint, tmp_path):
 
 
 
-def test_every_route_answers_503_while_the_weights_load(engine):
+def test_every_route_answers_503_while_the_weights_load(tiny_model):
     """The real app in-process, with a loader that waits until the test lets it finish."""
     from fastapi.testclient import TestClient
 
@@ -388,7 +389,7 @@ def test_every_route_answers_503_while_the_weights_load(engine):
 
     def load() -> Engine:
         assert release.wait(30)
-        return Engine(*engine, max_batch=2)
+        return Engine(*tiny_model, max_batch=2)
 
     app = create_app(Settings(model_name=NAME), load, on_load_error=lambda message: None)
     with TestClient(app) as client:
@@ -399,7 +400,7 @@ def test_every_route_answers_503_while_the_weights_load(engine):
         release.set()
         wait_until(lambda: client.get("/health").status_code == 200)
         done = client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 3, "temperature": 0})
-        assert done.json()["choices"][0]["text"] == library(engine, "Hi", max_tokens=3).text
+        assert done.json()["choices"][0]["text"] == library(tiny_model, "Hi", max_tokens=3).text
 
 
 def test_listening_beyond_loopback_without_a_key_warns(tiny_checkpoint):

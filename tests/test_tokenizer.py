@@ -6,12 +6,13 @@ import re
 import shutil
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import copy_vocab
+from conftest import assert_one_line_error, copy_vocab, run_gpt2
 from gpt2engine import GPT2EngineError, Tokenizer, native
 from gpt2engine import tokenizer as tokenizer_module
+from gpt2engine.generate import complete
 from gpt2engine.tokenizer import NativeBPE, StreamDecoder
 
 TEXTS = [
@@ -205,3 +206,46 @@ def test_missing_or_broken_tokenizer_files(tmp_path, vocab_folder):
     (tmp_path / "tokenizer.json").write_text("[]")
     with pytest.raises(GPT2EngineError, match=r"tokenizer.json: unreadable"):
         Tokenizer.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("vocab", [{"a": 10**12}, {"a": 2**22}, {}])
+def test_a_tiny_vocabulary_with_a_huge_id_or_none(copy_of, vocab):
+    folder = copy_of()
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    done = run_gpt2("generate", "Hi", "--model", str(folder))
+    assert_one_line_error(done, 1, "vocabulary")
+    with pytest.raises(GPT2EngineError, match="vocabulary"):
+        Tokenizer.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("prompt", ["\ud800", "fine \udcff then", "\udfff"])
+def test_lone_surrogates_through_the_api(tiny_model, prompt):
+    with pytest.raises(GPT2EngineError, match="lone surrogate"):
+        complete(*tiny_model, [prompt])
+
+
+@given(st.text())
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_any_text_round_trips_or_is_refused(tiny_model, text):
+    _, tokenizer = tiny_model
+    try:
+        ids = tokenizer.encode(text)
+    except GPT2EngineError as error:
+        assert "lone surrogate" in str(error)
+        return
+    assert tokenizer.decode(ids) == text
+
+
+@given(st.binary(max_size=64))
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_any_bytes_round_trip_when_utf8_and_are_refused_when_not(tiny_model, data):
+    _, tokenizer = tiny_model
+    text = data.decode("utf-8", errors="surrogateescape")
+    try:
+        ids = tokenizer.encode(text)
+    except GPT2EngineError:
+        with pytest.raises(UnicodeDecodeError):
+            data.decode("utf-8")
+        return
+    assert tokenizer.decode(ids).encode("utf-8") == data

@@ -1,16 +1,19 @@
 """Every loading variant of Hugging Face checkpoints, the export round trip, and every error."""
 
 import json
+import os
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from conftest import TINY_CONFIGS, hf_model
+from conftest import TINY_CONFIGS, TINY_GPT2, assert_one_line_error, hf_model, run_gpt2
 from gpt2engine import GPT2, GPT2EngineError
-from gpt2engine.loading.weights import read_at
+from gpt2engine.loading.weights import read_at, read_tensors
 
 CONFIG = TINY_CONFIGS["odd-heads"]
 
@@ -247,3 +250,146 @@ def test_read_at_reads_the_file_and_keeps_dtype_and_shape(tmp_path):
         copy = read_at(where, view)
         assert copy.dtype == tensors[key].dtype and copy.shape == tensors[key].shape
         assert torch.equal(copy, tensors[key])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("huge", [{"n_layer": 1024}, {"n_embd": 65536, "n_head": 4}, {"n_positions": 131072}])
+def test_a_tiny_config_asking_for_a_huge_model(copy_of, huge):
+    done = run_gpt2("generate", "Hi", "--model", str(copy_of(**huge)), "--quiet")
+    assert_one_line_error(done, 1, "does not fit")  # the files' size, or a tensor's shape
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("bad", "key", "dtype"), [
+    (float("nan"), "transformer.h.0.mlp.c_fc.weight", "float32"),  # converted: transposed
+    (float("inf"), "transformer.wte.weight", "int8"),  # converted: encoded
+    (-float("inf"), "transformer.wpe.weight", "float32"),  # used as it is in the file
+])
+def test_non_finite_weights_are_refused_at_load(copy_of, bad, key, dtype):
+    folder = copy_of()
+    from safetensors.torch import load_file
+
+    tensors = load_file(folder / "model.safetensors")
+    tensors[key][3, 5] = bad
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    done = run_gpt2("generate", "Hi", "--model", str(folder), "--quiet", "--dtype", dtype)
+    assert_one_line_error(done, 1, f"{key} holds NaN or infinite values")
+
+
+@pytest.mark.slow
+def test_a_tokenizer_larger_than_the_model_is_refused(make_checkpoint):
+    small = make_checkpoint(**{**TINY_GPT2, "vocab_size": 50000})
+    done = run_gpt2("generate", "Hi", "--model", str(small), "--quiet")
+    assert_one_line_error(done, 1, "the tokenizer has 50257 tokens but the model only 50000")
+
+
+@pytest.mark.slow
+def test_a_failed_export_leaves_nothing_and_a_retry_works(tiny_model, tmp_path, tiny_checkpoint):
+    model, _ = tiny_model
+    out = tmp_path / "out"
+    not_a_file = tmp_path / "merges.txt"
+    not_a_file.mkdir()  # copying it fails after the weights are written
+    with pytest.raises(GPT2EngineError, match="cannot write the checkpoint"):
+        model.save_pretrained(out, extra_files=(tiny_checkpoint / "vocab.json", not_a_file))
+    assert list(out.iterdir()) == []
+    done = run_gpt2("export", str(out), "--model", str(tiny_checkpoint))
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "merges.txt", "model.safetensors",
+                                                     "vocab.json"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["config.json", "vocab.json"])
+def test_export_never_writes_through_a_dangling_link(tiny_checkpoint, tmp_path, target):
+    out, outside = tmp_path / "out", tmp_path / "outside"
+    out.mkdir()
+    outside.mkdir()
+    (out / target).symlink_to(outside / "stolen")
+    done = run_gpt2("export", str(out), "--model", str(tiny_checkpoint))
+    assert_one_line_error(done, 1, "already exists; refusing to overwrite it")
+    assert list(outside.iterdir()) == [] and [p.name for p in out.iterdir()] == [target]
+
+
+@pytest.mark.slow
+def test_an_old_format_pytorch_model_bin_loads(copy_of, tiny_model):
+    from safetensors.torch import load_file
+
+    folder = copy_of()
+    torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin",
+               _use_new_zipfile_serialization=False)
+    (folder / "model.safetensors").unlink()
+    model, _ = tiny_model
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.inference_mode():
+        assert torch.equal(GPT2.from_pretrained(folder)(ids), model(ids))
+
+
+@pytest.mark.slow
+def test_a_nested_state_dict_loads_and_non_tensors_are_refused(copy_of, tiny_model):
+    from safetensors.torch import load_file
+
+    folder = copy_of()
+    tensors = load_file(folder / "model.safetensors")
+    (folder / "model.safetensors").unlink()
+    torch.save({"state_dict": tensors, "epoch": 3}, folder / "pytorch_model.bin")
+    model, _ = tiny_model
+    with torch.inference_mode():
+        assert torch.equal(GPT2.from_pretrained(folder)(torch.tensor([[5]])), model(torch.tensor([[5]])))
+    for bad in ({**tensors, "transformer.extra": [1.0, 2.0]}, [tensors]):
+        torch.save(bad, folder / "pytorch_model.bin")
+        done = run_gpt2("generate", "Hi", "--model", str(folder), "--quiet")
+        assert_one_line_error(done, 1, "pytorch_model.bin: not a readable weight file")
+
+
+@pytest.mark.slow
+def test_a_shard_index_naming_a_file_outside_the_folder(copy_of, tmp_path):
+    folder = copy_of()
+    (tmp_path / "secret.safetensors").write_bytes(b"x")
+    for name in ("../secret.safetensors", "/etc/passwd", "sub/model.safetensors"):
+        index = {"weight_map": {"transformer.wte.weight": name}}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+        done = run_gpt2("generate", "Hi", "--model", str(folder), "--quiet")
+        assert_one_line_error(done, 1, "is not a plain file name")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.int8])
+def test_integer_and_boolean_weights_are_refused(copy_of, dtype):
+    from safetensors.torch import load_file
+
+    folder = copy_of()
+    tensors = load_file(folder / "model.safetensors")
+    tensors["transformer.ln_f.bias"] = tensors["transformer.ln_f.bias"].to(dtype)
+    save_file(tensors, folder / "model.safetensors")
+    with pytest.raises(GPT2EngineError, match=r"transformer.ln_f.bias has dtype .*must be floating point"):
+        GPT2.from_pretrained(folder)
+
+
+def test_from_pretrained_takes_dtype_names(tiny_checkpoint):
+    assert GPT2.from_pretrained(tiny_checkpoint, dtype="bfloat16").wte.weight.dtype == torch.bfloat16
+    assert GPT2.from_pretrained(tiny_checkpoint, dtype="float32").wte.weight.dtype == torch.float32
+
+
+@pytest.fixture(scope="module")
+def small_safetensors(tmp_path_factory) -> bytes:
+    path = tmp_path_factory.mktemp("st") / "model.safetensors"
+    save_file({"a": torch.randn(4, 3), "b": torch.arange(5.0), "c": torch.ones(2, 2, 2)}, path)
+    return path.read_bytes()
+
+
+@given(st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), min_size=1, max_size=8),
+       st.integers(0, 10**6))
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_mutated_safetensors_are_read_or_refused_in_one_line(small_safetensors, tmp_path_factory, edits, cut):
+    data = bytearray(small_safetensors)
+    for position, value in edits:
+        data[position % len(data)] = value
+    path = tmp_path_factory.mktemp("m") / "model.safetensors"
+    path.write_bytes(bytes(data[: max(1, len(data) - cut % 64)]))
+    try:
+        tensors = {key: tensor for key, tensor, _ in read_tensors([path])}
+    except GPT2EngineError as error:
+        assert "\n" not in str(error) and "not a readable weight file" in str(error)
+        return
+    assert all(isinstance(t, torch.Tensor) for t in tensors.values())
+    assert sum(t.numel() * t.element_size() for t in tensors.values()) <= os.path.getsize(path)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from gpt2engine.engine import Engine, GenerationOptions, GenerationResult, fit_prompt, prompt_ids
+from gpt2engine.engine import Engine, GenerationOptions, GenerationResult, prompt_ids
 from gpt2engine.errors import GPT2EngineError
 from gpt2engine.model import GPT2
 from gpt2engine.tokenizer import Tokenizer
@@ -25,11 +25,10 @@ def start(
         raise GPT2EngineError("prompts must be a non-empty list")
     if not isinstance(options, GenerationOptions):
         raise GPT2EngineError("options must be a GenerationOptions")
-    ids = [fit_prompt(prompt_ids(model, tokenizer, p), model.config.n_positions, options)
-           for p in prompts]
-    engine = Engine(model, tokenizer, max_batch=len(ids), max_queue=0,
-                    max_len=max(map(len, ids)) + options.max_new_tokens)
-    return engine, [engine.add_request(i, options) for i in ids]
+    ids = [prompt_ids(model, tokenizer, p) for p in prompts]
+    longest = min(max(map(len, ids)) + options.max_new_tokens, model.config.n_positions)
+    engine = Engine(model, tokenizer, max_batch=len(ids), max_queue=0, max_len=longest)
+    return engine, [engine.add_request(i, options) for i in ids]  # each checked to fit there
 
 
 def stream(

@@ -13,7 +13,6 @@ from gpt2engine import lazy_exports
 
 _EXPORTS = {
     "Engine": "gpt2engine.engine.engine",
-    "fit_prompt": "gpt2engine.engine.engine",
     "prompt_ids": "gpt2engine.engine.engine",
     "GenerationOptions": "gpt2engine.engine.request",
     "GenerationResult": "gpt2engine.engine.request",
@@ -30,7 +29,6 @@ __getattr__ = lazy_exports(__name__, _EXPORTS)
 
 if TYPE_CHECKING:  # the same names, for type checkers and editors
     from gpt2engine.engine.engine import Engine as Engine
-    from gpt2engine.engine.engine import fit_prompt as fit_prompt
     from gpt2engine.engine.engine import prompt_ids as prompt_ids
     from gpt2engine.engine.request import GenerationOptions as GenerationOptions
     from gpt2engine.engine.request import GenerationResult as GenerationResult

@@ -28,7 +28,7 @@ def fit_prompt(ids: list[int], context: int, options: GenerationOptions) -> list
     room = context - options.max_new_tokens
     if room < 1:
         raise GPT2EngineError(
-            f"max_new_tokens ({options.max_new_tokens}) leaves no room for a prompt in the "
+            f"asking for {options.max_new_tokens} new tokens leaves no room for a prompt in the "
             f"model's context of {context} tokens"
         )
     if len(ids) <= room:
@@ -37,7 +37,7 @@ def fit_prompt(ids: list[int], context: int, options: GenerationOptions) -> list
         return ids[-room:]
     raise GPT2EngineError(
         f"prompt of {len(ids)} tokens + {options.max_new_tokens} new tokens exceeds the model's "
-        f"context of {context}; shorten it, lower max_new_tokens, or truncate left"
+        f"context of {context} tokens; shorten it, ask for fewer new tokens, or truncate it on the left"
     )
 
 

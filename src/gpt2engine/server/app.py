@@ -278,8 +278,9 @@ async def start_completion(state: State, body: CompletionRequest) -> Run:
     except QueueFull as error:
         raise APIError(503, str(error), kind="service_unavailable",
                        headers={"Retry-After": RETRY_AFTER_SECONDS}) from None
-    except GPT2EngineError as error:
-        raise APIError(400, str(error), "prompt") from None
+    except GPT2EngineError as error:  # the engine's word on whether it fits the context
+        too_long = len(work[len(requests)][1]) >= context
+        raise APIError(400, str(error), "prompt" if too_long else "max_tokens") from None
     finally:
         if len(requests) < len(work):  # refused: take back what was added
             state.inflight -= 1

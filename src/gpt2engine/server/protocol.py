@@ -114,15 +114,10 @@ def check(body: CompletionRequest) -> None:
 
 
 def options_for(body: CompletionRequest, prompt_tokens: int, context: int, choice: int) -> GenerationOptions:
-    """Engine options for one choice of one prompt (after `check`)."""
+    """Engine options for one choice of one prompt (after `check`); whether the prompt and
+    `max_tokens` fit the context is the engine's to say, when the request is added."""
     stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
-    max_tokens = context - prompt_tokens if body.max_tokens is None else body.max_tokens
-    if max_tokens < 1:
-        raise APIError(400, f"max_tokens must be >= 1, got {max_tokens}", "max_tokens")
-    if max_tokens + prompt_tokens > context:
-        raise APIError(400, f"prompt of {prompt_tokens} tokens + max_tokens {max_tokens} exceeds the "
-                            f"model's context of {context} tokens", "max_tokens" if
-                       prompt_tokens < context else "prompt")
+    max_tokens = max(context - prompt_tokens, 1) if body.max_tokens is None else body.max_tokens
     try:
         bias = {int(token): value for token, value in (body.logit_bias or {}).items()}
     except ValueError:
@@ -135,7 +130,8 @@ def options_for(body: CompletionRequest, prompt_tokens: int, context: int, choic
                                  prompt_logprobs=body.logprobs if body.echo else None)
     except GPT2EngineError as error:
         message = str(error)
-        raise APIError(400, message, message.split(" ")[0].rstrip(":")) from None
+        field = message.split(" ")[0].rstrip(":")
+        raise APIError(400, message, "max_tokens" if field == "max_new_tokens" else field) from None
 
 
 @dataclass
