@@ -16,8 +16,10 @@ from gpt2engine.loading.weights import formatted_modules
 # 2.5 to 5 times what was measured (2026-11-26 Zen 4 and 2026-12-05 Sapphire Rapids): perplexity
 # -0.02% and -0.011% in bfloat16, +0.03% and +0.04% in int8; largest logit difference 0.02 in
 # bfloat16, 0.043 in int8.
-PERPLEXITY_TOLERANCE = {"bfloat16": 0.001, "int8": 0.002}  # relative
-LOGIT_TOLERANCE = {"bfloat16": 0.05, "int8": 0.15}  # largest absolute difference of a logit
+# A few times what the trained checkpoint measures (2026-12-05): perplexity off by 1.1e-4 (bfloat16)
+# and 4.1e-4 (int8) of itself; the largest logit error 0.020 and 0.043.
+PERPLEXITY_TOLERANCE = {"bfloat16": 0.0005, "int8": 0.002}  # relative
+LOGIT_TOLERANCE = {"bfloat16": 0.06, "int8": 0.15}  # largest absolute difference of a logit
 
 
 def test_int8_is_within_half_a_step_of_its_row_scale_and_exact_at_the_extremes():

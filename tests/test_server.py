@@ -293,10 +293,9 @@ def test_a_full_queue_answers_503_at_once_and_a_disconnect_frees_the_row(long_co
         assert running.started.wait(30)
         waiting = OpenStream(server, long)
         wait_until(lambda: server.metric("gpt2engine_requests_waiting") == 1)
-        started = time.monotonic()
         refused = server.post("/v1/completions", {"prompt": "Hi"})
         assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
-        assert time.monotonic() - started < 5
+        assert server.metric("gpt2engine_requests_running") == 1  # refused, not kept until a row freed
         assert "try again later" in refused.json()["error"]["message"]
         running.close()  # its row goes to the waiting request within a step
         assert waiting.started.wait(30)
