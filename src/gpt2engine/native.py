@@ -97,9 +97,8 @@ def cpu_flags() -> str:
 
 
 def tuning() -> list[str]:
-    """Choices measured per CPU maker. A batch of one streams its weights faster with our software
-    prefetch on Intel (Sapphire Rapids: the int8 step 0.67x the time, float32 0.9x) and with the
-    hardware's alone on AMD (Zen 4: int8 0.70-0.90x the time without ours); docs/kernels.md."""
+    """Choices measured per CPU maker: a batch of one streams its weights faster with our software
+    prefetch on Intel and with the hardware's alone on AMD (the numbers: docs/kernels.md)."""
     return ["-DPREFETCH_ONE_ROW=0"] if "AuthenticAMD" in cpuinfo("vendor_id") else []
 
 

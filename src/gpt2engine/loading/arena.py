@@ -2,13 +2,11 @@
 
 A decode step reads every weight once, about 500 MB a token for the 124M model in float32. In
 4 KiB pages that is 120,000 pages a token, far more than the TLB holds, so reading each page
-begins with a page-table walk; in 2 MiB pages it is 240. On a 2-core Zen 4 VM the whole float32
-decode step took 0.82-0.89x the time at batch 1 (int8 0.95x; at batch 8, float32 0.94x, int8
-0.86-0.94x), in-process A/B; how much a process gains there also depends on how the host backs
-its memory. Linux backs an anonymous mapping with huge pages where it is asked to (madvise
+begins with a page-table walk; in 2 MiB pages it is 240 (what that gains, measured:
+docs/kernels.md). Linux backs an anonymous mapping with huge pages where it is asked to (madvise
 MADV_HUGEPAGE; transparent_hugepage set to `madvise` or `always`); asked before any page is
-touched, the pages are huge from the first write. Faulting them in took 0.05-0.7 s for the 124M
-model in float32 on that VM, once, at load. Elsewhere, or with huge pages turned off, the block
+touched, the pages are huge from the first write (faulting them in is paid once, at load).
+Elsewhere, or with huge pages turned off, the block
 is ordinary memory and nothing else changes.
 """
 
