@@ -12,6 +12,7 @@ import torch
 
 from conftest import GPT2_COMMAND, assert_one_line_error, run_gpt2
 from gpt2engine.cli.repl import BANNER, PROMPT
+from gpt2engine.engine.prefix_cache import DEFAULT_PREFIX_CACHE_MIB
 from gpt2engine.generate import GenerationOptions, complete
 from gpt2engine.sampling_params import SamplingParams
 
@@ -101,16 +102,19 @@ def test_generate_prints_the_continuation(tiny_checkpoint, tiny_model, flags_fir
     assert result.stdout == expected_text(tiny_model, "Hello there").text + "\n"
 
 
-@pytest.mark.parametrize(("flags", "expected"), [([], True), (["--no-cuda-graphs"], False),
-                                                 (["--cuda-graphs"], True)])
-def test_the_cuda_graphs_flag_reaches_the_engine(tiny_checkpoint, monkeypatch, capsys, flags, expected):
+@pytest.mark.parametrize(("flags", "expected"), [
+    ([], (True, DEFAULT_PREFIX_CACHE_MIB)), (["--no-cuda-graphs"], (False, DEFAULT_PREFIX_CACHE_MIB)),
+    (["--cuda-graphs", "--prefix-cache-mib", "12.5"], (True, 12.5)),
+    (["--prefix-cache-mib", "64", "--no-prefix-cache"], (True, 0)),
+])
+def test_the_engine_flags_reach_the_engine(tiny_checkpoint, monkeypatch, capsys, flags, expected):
     from gpt2engine import cli
     from gpt2engine.engine import Engine
 
     seen, build = [], Engine.__init__
 
     def recording(self, *args, **kwargs):
-        seen.append(kwargs["cuda_graphs"])
+        seen.append((kwargs["cuda_graphs"], kwargs["prefix_cache_mib"]))
         build(self, *args, **kwargs)
 
     monkeypatch.setattr(Engine, "__init__", recording)

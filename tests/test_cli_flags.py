@@ -22,6 +22,9 @@ BAD_COMMAND_LINES = [
     (["--repetition-penalty", "1e-40"], "repetition_penalty must be in"),
     (["--seed", str(2**64)], "seed must be an integer in"),
     (["--seed", "-1"], "seed must be"),
+    (["--prefix-cache-mib", "-1"], "--prefix-cache-mib: must be a finite number >= 0, got -1"),
+    (["--prefix-cache-mib", "inf"], "--prefix-cache-mib: must be a finite number >= 0"),
+    (["--prefix-cache-mib", "lots"], "--prefix-cache-mib: invalid float value: 'lots'"),
     (["serve", "--replicas", "2", "--max-replicas", "3"], "--replicas is a fixed count"),
     (["serve", "--min-replicas", "3", "--max-replicas", "2"], "--max-replicas 2 is below --min-replicas 3"),
 ]

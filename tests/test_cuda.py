@@ -105,3 +105,15 @@ def test_the_repl_on_cuda(tiny_checkpoint, tiny_model):
                           input="Hello there\nexit\n", capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
     assert "GPT-2 Inference Engine Ready" in done.stdout and expected in done.stdout
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_the_prefix_cache_on_cuda_gives_the_same_bits(tiny_checkpoint, tiny_model, dtype):
+    import test_prefix_cache as prefix
+
+    model = GPT2.from_pretrained(tiny_checkpoint, device="cuda", dtype=dtype)
+    work = [(2 * i, prefix.SHARED + prefix.ENDINGS[i % 5], prefix.options(i)) for i in range(6)]
+    cached, plain = prefix.engines((model, tiny_model[1]), 64)
+    with_cache = prefix.run(cached, work)
+    assert [prefix.outcome(r) for r in with_cache] == [prefix.outcome(r) for r in prefix.run(plain, work)]
+    assert sum(r.cached_tokens for r in with_cache) > 0

@@ -123,10 +123,10 @@ def test_a_failing_request_fails_alone(tiny_model, monkeypatch):
     core = Engine(model, tokenizer, max_batch=3)
     prefill = core.runner.prefill
 
-    def broken(request, start, stop):
-        if request.request_id == "bad":
+    def broken(chunk):
+        if chunk.request.request_id == "bad":
             raise RuntimeError("boom")
-        return prefill(request, start, stop)
+        return prefill(chunk)
 
     monkeypatch.setattr(core.runner, "prefill", broken)
     good = [core.add_request(PROMPTS[i], options(i)) for i in (0, 2)]

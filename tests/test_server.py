@@ -159,6 +159,32 @@ def test_logprobs_and_echo_equal_the_library_loglikelihoods(client, tiny_model):
     assert len(logprobs.tokens) == len(ids) + 2  # the prompt, then the two generated tokens
 
 
+def test_echoed_logprobs_come_from_the_prefix_cache_the_same(tiny_checkpoint):
+    """lm-eval's request shape: echo + logprobs, the same context before different answers."""
+    context = "Full fathom five thy father lies; of his bones are coral made; " * 3
+    bodies = [{"prompt": context + answer, "max_tokens": 1, "temperature": 0, "logprobs": 1,
+               "echo": True} for answer in (" those are pearls", " nothing of him", " those are pearls")]
+    answers = {}
+    for flags in (["--prefill-chunk", "16"], ["--prefill-chunk", "16", "--no-prefix-cache"]):
+        server = Server(tiny_checkpoint, *flags)
+        try:
+            answers[len(flags)] = [server.post("/v1/completions", body).json() for body in bodies]
+            cached = [a["usage"]["prompt_tokens_details"]["cached_tokens"] for a in answers[len(flags)]]
+            if len(flags) == 2:
+                assert cached[0] == 0 and cached[1] >= 32 and cached[2] > cached[1]
+                assert server.metric("gpt2engine_prefix_cache_hits_total") == sum(cached)
+                assert server.metric("gpt2engine_prefix_cache_queries_total") == sum(
+                    a["usage"]["prompt_tokens"] for a in answers[2])
+                assert server.metric("gpt2engine_prefix_cache_bytes") > 0
+            else:
+                assert cached == [0, 0, 0]
+                assert "gpt2engine_prefix_cache" not in httpx.get(f"{server.url}/metrics").text
+        finally:
+            server.stop()
+    on, off = ([a["choices"][0]["logprobs"] for a in answers[n]] for n in (2, 3))
+    assert on == off  # every token, logprob and top entry, bit for bit
+
+
 def test_lm_eval_local_completions_scores_like_the_library(server, tiny_checkpoint, tmp_path):
     args = (f"base_url={server.url}/v1/completions,model={NAME},tokenizer_backend=remote,"
             "tokenized_requests=True,num_concurrent=2,max_retries=1")

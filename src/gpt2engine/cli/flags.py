@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import NoReturn
 
+from gpt2engine.engine.prefix_cache import DEFAULT_PREFIX_CACHE_MIB
 from gpt2engine.errors import GPT2EngineError
 from gpt2engine.loading.runtime import DTYPES
 from gpt2engine.sampling_params import ROW_DEFAULTS, ROW_PARAMS, SamplingParams
@@ -53,6 +54,17 @@ def add_engine_flags(parser: argparse.ArgumentParser, inherit: bool = False) -> 
     add = shared_flag(parser.add_argument_group("engine"), inherit)
     add("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
         help="on CUDA, capture the decode step as CUDA graphs, once at start-up (default: on)")
+    add("--prefix-cache", action=argparse.BooleanOptionalAction, default=True,
+        help="keep prompts' KV cache (and prompt logprobs) for requests that start the same way, "
+             "by whole prefill chunks (default: on)")
+    add("--prefix-cache-mib", type=non_negative_float, default=DEFAULT_PREFIX_CACHE_MIB, metavar="MIB",
+        help="the most memory the prefix cache keeps, least recently used out first (default: %(default)s)")
+
+
+def engine_options(args: argparse.Namespace) -> dict:
+    """The Engine's keyword arguments that add_engine_flags' flags set."""
+    return {"cuda_graphs": args.cuda_graphs,
+            "prefix_cache_mib": args.prefix_cache_mib if args.prefix_cache else 0}
 
 
 def add_generation_flags(parser: argparse.ArgumentParser, inherit: bool = False) -> None:
@@ -111,6 +123,16 @@ def bounded_int(low: int, high: int | None = None):
 
 
 positive_int = bounded_int(1)
+
+
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+non_negative_float.__name__ = "float"
 
 
 def device_name(text: str) -> str:

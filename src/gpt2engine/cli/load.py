@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from gpt2engine.cli.flags import engine_options
+
 
 def load(args: argparse.Namespace):
     """The model and tokenizer the flags name, on the device and dtype they ask for; what is
@@ -24,4 +26,4 @@ def load_engine(args: argparse.Namespace):
     model, tokenizer = load(args)
     from gpt2engine.engine import Engine  # after loading, which parses the tokenizer before torch
 
-    return Engine(model, tokenizer, max_batch=1, cuda_graphs=args.cuda_graphs)
+    return Engine(model, tokenizer, max_batch=1, **engine_options(args))

@@ -10,6 +10,7 @@ from gpt2engine.cli.flags import (
     add_model_flags,
     api_key,
     bounded_int,
+    engine_options,
     positive_int,
     seconds,
 )
@@ -85,7 +86,7 @@ def run_serve(args: argparse.Namespace) -> int:
     def build_engine() -> Engine:
         return Engine(*load(args), max_batch=args.max_batch, max_queue=args.max_queue,
                       max_len=args.max_model_len, prefill_chunk=args.prefill_chunk,
-                      cuda_graphs=args.cuda_graphs)
+                      **engine_options(args))
 
     settings = Settings(model_name=args.served_model_name or args.model, api_key=args.api_key,
                         max_body_bytes=args.max_body_bytes)
@@ -106,5 +107,5 @@ def run_serve_on_ray(args: argparse.Namespace, settings) -> int:
     spec = ReplicaSpec(model=args.model, revision=args.revision, device=args.device, dtype=args.dtype,
                        max_batch=args.max_batch, max_queue=args.max_queue, max_model_len=args.max_model_len,
                        prefill_chunk=args.prefill_chunk, threads=args.cpus_per_replica, settings=settings,
-                       replicas_wanted=scaling.replicas or scaling.min_replicas, cuda_graphs=args.cuda_graphs)
+                       replicas_wanted=scaling.replicas or scaling.min_replicas, **engine_options(args))
     return serve_on_ray(spec, scaling, args.host, args.port, args.ray_address, args.shutdown_timeout)

@@ -14,6 +14,7 @@ import threading
 from dataclasses import dataclass
 
 from gpt2engine.engine.engine import Engine
+from gpt2engine.engine.prefix_cache import PrefixCacheStats
 from gpt2engine.engine.request import GenerationOptions, Request, StepOutput
 from gpt2engine.tokenizer import Tokenizer
 
@@ -77,6 +78,11 @@ class AsyncEngine:
     @property
     def tokenizer(self) -> Tokenizer:
         return self.engine.tokenizer
+
+    @property
+    def prefix_cache_stats(self) -> PrefixCacheStats | None:
+        """The prefix cache's counts (None when it is off); read from any thread, as they stand."""
+        return None if self.engine.prefix_cache is None else self.engine.prefix_cache.stats
 
     def prompt_ids(self, prompt: str | list[int]) -> list[int]:
         """A prompt as checked token ids (Engine.prompt_ids); safe from any thread."""

@@ -14,6 +14,7 @@ import time
 
 import torch
 
+from gpt2engine.engine.prefix_cache import DEFAULT_PREFIX_CACHE_MIB, PrefixCache
 from gpt2engine.engine.request import FinishReason, GenerationOptions, Request, Status, StepOutput, TextState
 from gpt2engine.engine.runner import Runner
 from gpt2engine.engine.scheduler import DEFAULT_MAX_QUEUE, DEFAULT_PREFILL_CHUNK, Scheduler
@@ -64,15 +65,22 @@ class Engine:
     def __init__(
         self, model: GPT2, tokenizer: Tokenizer, *, max_batch: int = 1, max_len: int | None = None,
         max_queue: int = DEFAULT_MAX_QUEUE, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
-        cuda_graphs: bool = True,
+        cuda_graphs: bool = True, prefix_cache_mib: float = DEFAULT_PREFIX_CACHE_MIB,
     ) -> None:
         """`max_batch` cache rows of `max_len` positions (default: the model's context) each; on
-        CUDA the decode step is captured as CUDA graphs unless not `cuda_graphs` (engine/graphs.py)."""
+        CUDA the decode step is captured as CUDA graphs unless not `cuda_graphs` (engine/graphs.py).
+        Prompts' whole prefill chunks are kept, up to `prefix_cache_mib` MiB (0: none), for the
+        requests that start the same way (engine/prefix_cache.py)."""
         check_vocabularies(model, tokenizer)
+        if not prefix_cache_mib >= 0:
+            raise GPT2EngineError(f"the prefix cache's size must be >= 0 MiB, got {prefix_cache_mib}")
         self.model, self.tokenizer = model, tokenizer
         self.max_len = max_len or model.config.n_positions
-        self.scheduler = Scheduler(max_batch, max_queue, prefill_chunk)
-        self.runner = Runner(model, max_batch, self.max_len, tokenizer.vocab_size, cuda_graphs)
+        self.prefix_cache = (PrefixCache(prefill_chunk, int(prefix_cache_mib * 2**20))
+                             if prefix_cache_mib else None)
+        self.scheduler = Scheduler(max_batch, max_queue, prefill_chunk, self.prefix_cache)
+        self.runner = Runner(model, max_batch, self.max_len, tokenizer.vocab_size, cuda_graphs,
+                             self.prefix_cache, prefill_chunk)
         self.requests: dict[str, Request] = {}
         self.ended: list[StepOutput] = []  # aborts since the last step, reported by the next
         self.ids = itertools.count()
@@ -119,7 +127,9 @@ class Engine:
     def reset(self) -> None:
         """Drop every request (after Ctrl-C landed somewhere inside a step)."""
         s = self.scheduler
-        self.scheduler = Scheduler(s.max_batch, s.max_queue, s.prefill_chunk)
+        self.scheduler = Scheduler(s.max_batch, s.max_queue, s.prefill_chunk, self.prefix_cache)
+        if self.prefix_cache is not None:
+            self.prefix_cache.unpin_all()
         self.requests.clear()
         self.ended.clear()
 
@@ -156,7 +166,7 @@ class Engine:
         for chunk in schedule.prefill:
             request = chunk.request
             try:
-                last = self.runner.prefill(request, chunk.start, chunk.stop)
+                last = self.runner.prefill(chunk)
             except Exception as error:
                 outputs.append(self.fail(request, error))
                 continue

@@ -64,6 +64,12 @@ class TokenLogprob:
     logprob: float
     top: dict[int, float]  # token id -> log-probability, most likely first
 
+    def truncated(self, top: int) -> TokenLogprob:
+        """The same with only the `top` most likely others."""
+        if len(self.top) <= top:
+            return self
+        return TokenLogprob(self.logprob, dict(list(self.top.items())[:top]))
+
 
 class TextState:
     """One request's text: UTF-8-safe decoding, stop strings across token boundaries, the result."""
@@ -123,6 +129,7 @@ class Request:
     status: Status = Status.WAITING
     row: int | None = None  # the cache row, while it has one
     prefilled: int = 0  # prompt tokens already in the cache
+    cached_tokens: int = 0  # of those, how many were copied from the prefix cache
     error: str | None = None  # why it failed, when finish_reason is "error"
     finish_reason: FinishReason | None = None
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # prompt tokens 1..n-1

@@ -14,7 +14,9 @@ from dataclasses import dataclass
 import torch
 
 from gpt2engine.engine.graphs import GraphedDecode
+from gpt2engine.engine.prefix_cache import RECORDED_TOP, Block, BlockLogprobs, PrefixCache
 from gpt2engine.engine.request import Request, TokenLogprob
+from gpt2engine.engine.scheduler import DEFAULT_PREFILL_CHUNK, PrefillChunk
 from gpt2engine.kernels import rows_argmax, rows_finite
 from gpt2engine.kernels.step import DecodeStep
 from gpt2engine.model import GPT2
@@ -35,9 +37,12 @@ class Sampled:
 
 class Runner:
     def __init__(
-        self, model: GPT2, max_batch: int, max_len: int, vocab_limit: int, cuda_graphs: bool = True
+        self, model: GPT2, max_batch: int, max_len: int, vocab_limit: int, cuda_graphs: bool = True,
+        prefix_cache: PrefixCache | None = None, block: int = DEFAULT_PREFILL_CHUNK,
     ) -> None:
+        """`prefix_cache` keeps blocks of `block` tokens, the scheduler's prefill chunk."""
         self.model, self.max_len = model, max_len
+        self.prefix_cache, self.block = prefix_cache, block
         self.cache = model.make_cache(max_batch, max_len)
         # Padded vocabularies (a model with more rows than the tokenizer has tokens) never
         # produce an id the tokenizer lacks.
@@ -85,20 +90,46 @@ class Runner:
         self.greedy(logits)
 
     @torch.inference_mode()
-    def prefill(self, request: Request, start: int, stop: int) -> torch.Tensor | None:
-        """Write prompt tokens [start, stop) into the request's row -> logits of the last prompt
-        token (V,) when this chunk ends the prompt, else None."""
-        device, row = self.model.device, request.held_row
-        ids = torch.tensor([request.prompt_ids[start:stop]], device=device)  # (1, T)
-        positions = torch.arange(start, stop, device=device)[None]  # (1, T)
+    def prefill(self, chunk: PrefillChunk) -> torch.Tensor | None:
+        """Copy the chunk's cached blocks into the request's row, then write prompt tokens
+        [start, stop) -> logits of the last prompt token (V,) when this chunk ends the prompt,
+        else None. A whole computed block is offered to the prefix cache."""
+        request, start, stop = chunk.request, chunk.start, chunk.stop
+        device, row, prompt = self.model.device, request.held_row, request.prompt_ids
         view = [layer.rows(row, row + 1) for layer in self.cache]
-        hidden = self.model.hidden_states(ids, positions, view, stop)[0]  # (T, C)
         top = request.options.prompt_logprobs
+        begin = start - len(chunk.cached) * self.block
+        if self.prefix_cache is not None and begin == 0:  # the request's first chunk: looked up once
+            self.prefix_cache.stats.queried_tokens += len(prompt)
+        if chunk.cached:
+            self.copy_cached(request, chunk.cached, view, begin)
+        ids = torch.tensor([prompt[start:stop]], device=device)  # (1, T)
+        positions = torch.arange(start, stop, device=device)[None]  # (1, T)
+        hidden = self.model.hidden_states(ids, positions, view, stop)[0]  # (T, C)
+        record = None
         if top is not None:  # the logprob of each next prompt token, and the top-N there
-            targets = request.prompt_ids[start + 1 : stop + 1]
-            logprobs = self.log_softmax(self.model.lm_head(hidden[: len(targets)]))
-            request.prompt_logprobs += token_logprobs(logprobs, targets, top)
-        return self.model.lm_head(hidden[-1]) if stop == len(request.prompt_ids) else None
+            targets = prompt[start + 1 : stop + 1]
+            logprobs = self.log_softmax(self.model.lm_head(hidden[: len(targets)]))  # (n, V)
+            kept = max(top, RECORDED_TOP)
+            entries = token_logprobs(logprobs, targets, kept)
+            request.prompt_logprobs += [e.truncated(top) for e in entries]
+            if len(targets) == self.block:  # a whole block with the token after it
+                record = BlockLogprobs(entries, logprobs[-1].clone(), kept)
+        if self.prefix_cache is not None and stop - start == self.block:
+            self.prefix_cache.insert(prompt, start // self.block, view, record)
+        return self.model.lm_head(hidden[-1]) if stop == len(prompt) else None
+
+    def copy_cached(self, request: Request, blocks: tuple[Block, ...], view: list, start: int) -> None:
+        """The prefix cache's blocks into the row from `start`, with their prompt logprobs."""
+        assert self.prefix_cache is not None
+        self.prefix_cache.load(list(blocks), view, start)
+        request.cached_tokens += len(blocks) * self.block
+        top = request.options.prompt_logprobs
+        if top is not None:
+            for j, block in enumerate(blocks):
+                assert block.logprobs is not None  # matched only if it has them
+                following = request.prompt_ids[start + (j + 1) * self.block]
+                request.prompt_logprobs += block.logprobs.for_next(following, top)
 
     @torch.inference_mode()
     def decode(self, requests: list[Request]) -> torch.Tensor:

@@ -6,6 +6,8 @@ the rows in use stay packed at the front of the cache and one decode step covers
 A prompt enters the cache in chunks of `prefill_chunk` tokens at fixed offsets (0, C, 2C, ...),
 so the streams already decoding never wait more than about one chunk per step, and a prompt is
 computed in the same pieces whatever else is running: a request's output is its output alone.
+Before a request's next chunk, the prefix cache (prefix_cache.py) is asked for the chunks that
+follow what its row holds; those are copied in, not computed, and it goes on from there.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import heapq
 from collections import deque
 from dataclasses import dataclass
 
+from gpt2engine.engine.prefix_cache import Block, PrefixCache
 from gpt2engine.engine.request import Request, Status
 from gpt2engine.errors import GPT2EngineError
 
@@ -27,9 +30,13 @@ class QueueFull(GPT2EngineError):
 
 @dataclass(frozen=True)
 class PrefillChunk:
+    """Copy `cached` (pinned blocks of the prefix cache) into the request's row, then compute
+    prompt tokens [start, stop)."""
+
     request: Request
     start: int
     stop: int
+    cached: tuple[Block, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -40,10 +47,13 @@ class Schedule:
 
 
 class Scheduler:
-    def __init__(self, max_batch: int, max_queue: int, prefill_chunk: int) -> None:
+    def __init__(
+        self, max_batch: int, max_queue: int, prefill_chunk: int, prefix_cache: PrefixCache | None = None
+    ) -> None:
         if max_batch < 1 or max_queue < 0 or prefill_chunk < 1:
             raise GPT2EngineError("max_batch and prefill_chunk must be >= 1, max_queue >= 0")
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
+        self.prefix_cache = prefix_cache  # its blocks are prefill chunks
         self.free_rows = list(range(max_batch))  # a heap: the lowest free row first
         self.waiting: deque[Request] = deque()
         self.active: dict[int, Request] = {}  # row -> the request holding it
@@ -68,13 +78,22 @@ class Scheduler:
         for request in sorted(self.active.values(), key=lambda r: r.arrival):
             if request.status is not Status.PREFILLING:
                 continue
-            stop = min(request.prefilled + self.prefill_chunk, len(request.prompt_ids))
-            if prefill and stop - request.prefilled > budget:
+            cached = self.cached_blocks(request)
+            start = request.prefilled + len(cached) * self.prefill_chunk
+            stop = min(start + self.prefill_chunk, len(request.prompt_ids))
+            if prefill and stop - start > budget:
+                if self.prefix_cache is not None:
+                    self.prefix_cache.unpin(cached)
                 break
-            prefill.append(PrefillChunk(request, request.prefilled, stop))
-            budget -= stop - request.prefilled
+            prefill.append(PrefillChunk(request, start, stop, tuple(cached)))
+            budget -= stop - start
         decode = [r for r in self.active.values() if r.status is Status.DECODING]
         return Schedule(admitted, prefill, sorted(decode, key=lambda r: r.held_row))
+
+    def cached_blocks(self, request: Request) -> list[Block]:
+        if self.prefix_cache is None:
+            return []
+        return self.prefix_cache.match(request.prompt_ids, request.prefilled, request.options.prompt_logprobs)
 
     def remove(self, request: Request) -> None:
         """Take a finished or aborted request out: free its row, or drop it from the queue."""

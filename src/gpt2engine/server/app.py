@@ -16,6 +16,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
@@ -55,7 +56,8 @@ class State:
 
     def attach(self, engine: Engine) -> None:
         running = AsyncEngine(engine)
-        self.loaded = running, Metrics(lambda: running.running, lambda: running.waiting, running.max_batch)
+        self.loaded = running, Metrics(lambda: running.running, lambda: running.waiting, running.max_batch,
+                                       running.prefix_cache_stats)
         self.status = "ready"
 
     def ready(self) -> tuple[AsyncEngine, Metrics]:
@@ -336,9 +338,10 @@ def failure(run: Run) -> APIError | None:
     return None
 
 
-def total_usage(run: Run) -> dict[str, int]:
-    return usage(sum(len(r.prompt_ids) for r in run.requests[:: run.n]),
-                 sum(len(r.output_ids) for r in run.requests))
+def total_usage(run: Run) -> dict[str, Any]:
+    firsts = run.requests[:: run.n]  # each prompt counted once, as its first choice got it
+    return usage(sum(len(r.prompt_ids) for r in firsts), sum(len(r.output_ids) for r in run.requests),
+                 sum(r.cached_tokens for r in firsts))
 
 
 async def finish_completion(state: State, run: Run, raw: Request) -> JSONResponse:

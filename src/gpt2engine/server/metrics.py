@@ -5,13 +5,41 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from gpt2engine.engine.prefix_cache import PrefixCacheStats
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
+class PrefixCacheCollector(Collector):
+    """The prefix cache's counts, read from the engine's as they stand at each scrape (as vLLM's
+    prefix_cache_queries / prefix_cache_hits, in tokens)."""
+
+    def __init__(self, stats: PrefixCacheStats) -> None:
+        self.stats = stats
+
+    def collect(self):
+        stats = self.stats
+        yield CounterMetricFamily("gpt2engine_prefix_cache_queries",
+                                  "prompt tokens looked up in the prefix cache", value=stats.queried_tokens)
+        yield CounterMetricFamily("gpt2engine_prefix_cache_hits",
+                                  "prompt tokens copied from the prefix cache", value=stats.hit_tokens)
+        yield GaugeMetricFamily("gpt2engine_prefix_cache_bytes", "memory the prefix cache holds",
+                                value=stats.bytes)
+        yield GaugeMetricFamily("gpt2engine_prefix_cache_blocks", "blocks (prefill chunks) it holds",
+                                value=stats.blocks)
+
+
 class Metrics:
-    def __init__(self, running: Callable[[], int], waiting: Callable[[], int], max_rows: int) -> None:
+    def __init__(
+        self, running: Callable[[], int], waiting: Callable[[], int], max_rows: int,
+        prefix_cache: PrefixCacheStats | None = None,
+    ) -> None:
         self.registry = registry = CollectorRegistry()
+        if prefix_cache is not None:
+            registry.register(PrefixCacheCollector(prefix_cache))
         Gauge("gpt2engine_requests_running", "requests holding a cache row (prefilling or decoding)",
               registry=registry).set_function(running)
         Gauge("gpt2engine_requests_waiting", "requests queued for a cache row",

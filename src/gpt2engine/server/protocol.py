@@ -187,9 +187,11 @@ class Choice:
         return self.add(output.text, ids, [output.logprob] * len(ids))
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
+    """OpenAI's usage; cached_tokens: prompt tokens that came from the prefix cache."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 def completion(completion_id: str, model: str, choices: list[dict], usage_: dict | None) -> dict[str, Any]:

@@ -18,6 +18,7 @@ import sys
 import threading
 from dataclasses import dataclass
 
+from gpt2engine.engine.prefix_cache import DEFAULT_PREFIX_CACHE_MIB
 from gpt2engine.errors import GPT2EngineError
 from gpt2engine.server.app import RETRY_AFTER_SECONDS, create_app
 from gpt2engine.server.settings import DEFAULT_SHUTDOWN_TIMEOUT, Scaling, Settings
@@ -42,6 +43,7 @@ class ReplicaSpec:
     settings: Settings
     replicas_wanted: int  # /health is 200 once this many are running
     cuda_graphs: bool = True
+    prefix_cache_mib: float = DEFAULT_PREFIX_CACHE_MIB
 
 
 class ReplicaHeader:
@@ -88,7 +90,7 @@ def application(spec: ReplicaSpec, scaling: Scaling, shutdown_timeout: float = D
             self.spec = spec
             self.engine = Engine(model, tokenizer, max_batch=spec.max_batch, max_queue=spec.max_queue,
                                  max_len=spec.max_model_len, prefill_chunk=spec.prefill_chunk,
-                                 cuda_graphs=spec.cuda_graphs)
+                                 cuda_graphs=spec.cuda_graphs, prefix_cache_mib=spec.prefix_cache_mib)
             self.name = serve.get_replica_context().replica_id.unique_id
 
         def __serve_build_asgi_app__(self):
