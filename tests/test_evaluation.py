@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from conftest import GPT2_COMMAND
 from gpt2engine import GPT2EngineError
+from gpt2engine.engine import Engine
 from gpt2engine.evaluation import (
     Span,
     lambada,
@@ -22,6 +23,7 @@ from gpt2engine.evaluation import (
     perplexity,
     read_choices,
     read_lambada,
+    score_in_engine,
     score_spans,
     sliding_windows,
     split_request,
@@ -127,6 +129,21 @@ def test_loglikelihood_matches_transformers(tiny_model, reference):
     assert split_request(tokenizer, "", "Hi")[0] == [tokenizer.eot_id]
     assert split_request(tokenizer, "to the ", "question") == (tokenizer.encode("to the"),
                                                                tokenizer.encode(" question"))
+
+
+def test_continuations_of_one_context_share_its_prefill_with_the_same_bits(tiny_model):
+    """Scored in the engine: with the prefix cache, the endings after one context prefill it once."""
+    model, tokenizer = tiny_model
+    context = tokenizer.encode(PROSE[:400])[:70]
+    spans = [Span(context + tokenizer.encode(ending), len(context))
+             for ending in (" and so to bed", " the rest is silence", " sea-change", " and so to bed")]
+    engines = [Engine(model, tokenizer, max_batch=2, prefill_chunk=16, prefix_cache_mib=mib)
+               for mib in (8, 0)]
+    cached, plain = (score_in_engine(engine, spans) for engine in engines)
+    assert cached == plain  # bit for bit
+    assert engines[0].prefix_cache.stats.hit_tokens >= 3 * 64  # the context's 4 whole blocks, 3 times
+    for ours, forward in zip(cached, score_spans(model, spans), strict=True):
+        assert ours.logprob == pytest.approx(forward.logprob, rel=RELATIVE) and ours.greedy == forward.greedy
 
 
 def test_greedy_flag_is_true_for_what_greedy_decoding_produces(tiny_model):

@@ -1,8 +1,11 @@
 """Measuring a model: log-likelihoods, sliding-window perplexity, LAMBADA, multiple choice.
 
-Everything here is a sum of log-probabilities from plain forward passes, no generation.
-Sequences are batched with right padding, harmless under causal attention, and the LM head runs
-only on the positions that are scored.
+Everything here is a sum of log-probabilities, no generation. Sliding windows (perplexity)
+are plain forward passes, batched with right padding, harmless under causal attention.
+Continuations of a context (LAMBADA, multiple choice, lm-evaluation-harness' loglikelihood) go
+through the engine as requests, the scored tokens' logprobs coming back as prompt logprobs, so
+that the requests which begin alike (the same context, the same few-shot examples) share their
+prefill through its prefix cache. Either way, the LM head runs only on the scored positions.
 """
 
 from __future__ import annotations
@@ -16,8 +19,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from gpt2engine.engine import Engine, GenerationOptions, QueueFull, Request
+from gpt2engine.engine.prefix_cache import DEFAULT_PREFIX_CACHE_MIB
+from gpt2engine.engine.scheduler import DEFAULT_PREFILL_CHUNK
 from gpt2engine.errors import GPT2EngineError
 from gpt2engine.model import GPT2
+from gpt2engine.sampling_params import SamplingParams
 from gpt2engine.tokenizer import Tokenizer
 
 
@@ -172,12 +179,62 @@ def request_span(context_ids: list[int], continuation_ids: list[int], max_length
 
 def loglikelihood(
     model: GPT2, tokenizer: Tokenizer, requests: Iterable[tuple[str, str]], batch_size: int = 8,
-    progress: bool = False,
+    progress: bool = False, prefix_cache_mib: float = DEFAULT_PREFIX_CACHE_MIB,
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
 ) -> list[SpanScore]:
-    """log P(continuation | context) and whether greedy decoding would produce it, per request."""
-    spans = [request_span(*split_request(tokenizer, c, x), model.config.n_positions)
-             for c, x in requests]
-    return score_spans(model, spans, batch_size, progress)
+    """log P(continuation | context) and whether greedy decoding would produce it, per request,
+    scored by an engine of `batch_size` rows (its prefix cache and chunk as given)."""
+    context = model.config.n_positions
+    spans = [request_span(*split_request(tokenizer, c, x), context) for c, x in requests]
+    # A request's prompt is the whole span, and it generates a token: a span of the whole context
+    # plus its last target does not fit one, and is scored by a forward pass of its own.
+    fits = [i for i, span in enumerate(spans) if len(span.ids) < context]
+    long = [i for i, span in enumerate(spans) if len(span.ids) >= context]
+    engine = Engine(model, tokenizer, max_batch=batch_size, prefill_chunk=prefill_chunk,
+                    prefix_cache_mib=prefix_cache_mib, cuda_graphs=False)
+    scores = dict(zip(fits, score_in_engine(engine, [spans[i] for i in fits], progress), strict=True))
+    scores |= zip(long, score_spans(model, [spans[i] for i in long], batch_size), strict=True)
+    return [scores[i] for i in range(len(spans))]
+
+
+def score_in_engine(engine: Engine, spans: list[Span], progress: bool = False) -> list[SpanScore]:
+    """Score each span as a request (in order, so that spans which begin alike follow each other
+    into the prefix cache): its ids the prompt, its scored tokens' logprobs the prompt logprobs
+    from `first` on, the top-1 there telling whether each was the argmax."""
+    from tqdm import tqdm
+
+    index: dict[str, int] = {}  # request id -> its span's
+    scores: dict[int, SpanScore] = {}
+    waiting = list(reversed(spans))
+    with tqdm(total=len(spans), disable=not progress or None, unit="span", leave=False) as bar:
+        while waiting or engine.has_work():
+            while waiting:
+                try:
+                    request = engine.add_request(waiting[-1].ids, scoring(waiting[-1]))
+                except QueueFull:
+                    break
+                index[request.request_id] = len(index)
+                waiting.pop()
+            for output in engine.step():
+                if output.finished:
+                    scores[index[output.request.request_id]] = span_score(output.request)
+                    bar.update()
+    return [scores[i] for i in range(len(spans))]
+
+
+def span_score(request: Request) -> SpanScore:
+    if request.finish_reason == "error":
+        raise GPT2EngineError(request.error or "scoring failed")
+    logprobs = request.prompt_logprobs
+    targets = request.prompt_ids[request.options.prompt_logprobs_from :]
+    return SpanScore(sum(lp.logprob for lp in logprobs),
+                     all(next(iter(lp.top)) == t for lp, t in zip(logprobs, targets, strict=True)))
+
+
+def scoring(span: Span) -> GenerationOptions:
+    """A request that scores `span`: its tokens from `first` on, with the most likely one there."""
+    return GenerationOptions(max_new_tokens=1, sampling=SamplingParams(temperature=0), ignore_eos=True,
+                             prompt_logprobs=1, prompt_logprobs_from=span.first)
 
 
 def read_jsonl(path: Path, fields: dict[str, type]) -> list[tuple[int, dict]]:

@@ -16,6 +16,8 @@ import torch
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
+from gpt2engine.engine.prefix_cache import DEFAULT_PREFIX_CACHE_MIB
+from gpt2engine.engine.scheduler import DEFAULT_PREFILL_CHUNK
 from gpt2engine.evaluation import loglikelihood, loglikelihood_rolling
 from gpt2engine.generate import GenerationOptions, complete
 from gpt2engine.loading.runtime import load_pretrained
@@ -26,12 +28,14 @@ DEFAULT_BATCH_SIZE = 8
 
 @register_model("gpt2engine")
 class GPT2EngineLM(LM):
-    """model_args: pretrained (folder or Hub id, default gpt2), revision, dtype (auto)."""
+    """model_args: pretrained (folder or Hub id, default gpt2), revision, dtype (auto), and the
+    engine's prefix_cache_mib (0: off) and prefill_chunk (its block), which loglikelihood uses."""
 
     def __init__(
         self, pretrained: str = "gpt2", revision: str | None = None, dtype: str = "auto",
         device: str | None = None, batch_size: int | str = DEFAULT_BATCH_SIZE,
-        max_batch_size: int | None = None,
+        max_batch_size: int | None = None, prefix_cache_mib: float = DEFAULT_PREFIX_CACHE_MIB,
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     ) -> None:
         super().__init__()
         if device is None or (device.startswith("cuda") and not torch.cuda.is_available()):
@@ -39,10 +43,12 @@ class GPT2EngineLM(LM):
         self.model, self.tokenizer = load_pretrained(pretrained, revision, device, dtype)
         auto = str(batch_size).startswith("auto")
         self.batch_size = (max_batch_size or DEFAULT_BATCH_SIZE) if auto else int(batch_size)
+        self.prefix_cache_mib, self.prefill_chunk = float(prefix_cache_mib), int(prefill_chunk)
 
     def loglikelihood(self, requests: Sequence, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         scores = loglikelihood(self.model, self.tokenizer, [r.args for r in requests],
-                               self.batch_size, progress=not disable_tqdm)
+                               self.batch_size, progress=not disable_tqdm,
+                               prefix_cache_mib=self.prefix_cache_mib, prefill_chunk=self.prefill_chunk)
         return [(s.logprob, s.greedy) for s in scores]
 
     def loglikelihood_rolling(self, requests: Sequence, disable_tqdm: bool = False) -> list[float]:

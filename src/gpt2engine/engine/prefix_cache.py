@@ -59,6 +59,11 @@ class Block:
     pins: int = 0
     last_used: int = 0
 
+    def serves(self, top: int | None, scored: bool) -> bool:
+        """Whether it can stand in for computing, for a request wanting `top` prompt logprobs
+        (None: none) of which some fall in this block (`scored`)."""
+        return top is None or not scored or (self.logprobs is not None and self.logprobs.top >= top)
+
 
 @dataclass
 class PrefixCacheStats:
@@ -78,11 +83,13 @@ class PrefixCache:
     stats: PrefixCacheStats = field(default_factory=PrefixCacheStats)
     clock: itertools.count = field(default_factory=itertools.count)
 
-    def match(self, ids: list[int], start: int, need_logprobs: int | None) -> list[Block]:
+    def match(
+        self, ids: list[int], start: int, need_logprobs: int | None = None, logprobs_from: int = 1
+    ) -> list[Block]:
         """The cached blocks that continue a prompt whose first `start` tokens (a multiple of the
         block) are in its row: pinned, to be copied this step. Never the block holding the prompt's
-        last token, whose logits the request needs; with `need_logprobs`, only blocks that hold
-        log-probabilities of at least that many top entries."""
+        last token, whose logits the request needs; with `need_logprobs`, a block that predicts a
+        token from `logprobs_from` on only if it holds log-probabilities of that many top entries."""
         found: list[Block] = []
         parent = self.parent_of(ids, start)
         if start and parent is None:
@@ -90,8 +97,7 @@ class PrefixCache:
         usable = (len(ids) - 1) // self.block
         for j in range(start // self.block, usable):
             block = self.blocks.get(key_of(parent, ids[j * self.block : (j + 1) * self.block]))
-            if block is None or (need_logprobs is not None and (
-                    block.logprobs is None or block.logprobs.top < need_logprobs)):
+            if block is None or not block.serves(need_logprobs, (j + 1) * self.block >= logprobs_from):
                 break
             found.append(block)
             parent = block

@@ -27,12 +27,13 @@ class GenerationOptions:
     ignore_eos: bool = False  # keep going past <|endoftext|>
     truncate: Literal["error", "left"] = "error"  # what to do when the prompt does not fit
     logprobs: int | None = None  # per generated token: its log-probability and the top-N others
-    prompt_logprobs: int | None = None  # the same for every prompt token but the first
+    prompt_logprobs: int | None = None  # the same for every prompt token but the first...
+    prompt_logprobs_from: int = 1  # ... or for those from this position on (scoring a continuation)
 
     def __post_init__(self) -> None:
-        if (not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool)
-                or self.max_new_tokens < 1):
-            raise GPT2EngineError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        for name in ("max_new_tokens", "prompt_logprobs_from"):
+            if not is_integer(value := getattr(self, name)) or value < 1:
+                raise GPT2EngineError(f"{name} must be an integer >= 1, got {value!r}")
         if not isinstance(self.sampling, SamplingParams):
             raise GPT2EngineError("sampling must be a SamplingParams")
         if self.truncate not in ("error", "left"):
@@ -43,9 +44,12 @@ class GenerationOptions:
             raise GPT2EngineError("stop strings must not be empty")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool)
-                                      or not 0 <= value <= MAX_LOGPROBS):
+            if value is not None and not (is_integer(value) and 0 <= value <= MAX_LOGPROBS):
                 raise GPT2EngineError(f"{name} must be an integer in [0, {MAX_LOGPROBS}], got {value!r}")
+
+
+def is_integer(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass
@@ -132,7 +136,7 @@ class Request:
     cached_tokens: int = 0  # of those, how many were copied from the prefix cache
     error: str | None = None  # why it failed, when finish_reason is "error"
     finish_reason: FinishReason | None = None
-    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # prompt tokens 1..n-1
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # prompt tokens from..n-1
     arrival: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
 

@@ -107,9 +107,11 @@ class Runner:
         positions = torch.arange(start, stop, device=device)[None]  # (1, T)
         hidden = self.model.hidden_states(ids, positions, view, stop)[0]  # (T, C)
         record = None
-        if top is not None:  # the logprob of each next prompt token, and the top-N there
-            targets = prompt[start + 1 : stop + 1]
-            logprobs = self.log_softmax(self.model.lm_head(hidden[: len(targets)]))  # (n, V)
+        first = max(start + 1, request.options.prompt_logprobs_from)  # the first token to score here
+        if top is not None and first <= stop:  # the logprob of each next prompt token, and the top-N
+            targets = prompt[first : stop + 1]
+            rows = hidden[first - 1 - start : first - 1 - start + len(targets)]
+            logprobs = self.log_softmax(self.model.lm_head(rows))  # (n, V)
             kept = max(top, RECORDED_TOP)
             entries = token_logprobs(logprobs, targets, kept)
             request.prompt_logprobs += [e.truncated(top) for e in entries]
@@ -124,12 +126,16 @@ class Runner:
         assert self.prefix_cache is not None
         self.prefix_cache.load(list(blocks), view, start)
         request.cached_tokens += len(blocks) * self.block
-        top = request.options.prompt_logprobs
+        top, scored_from = request.options.prompt_logprobs, request.options.prompt_logprobs_from
         if top is not None:
             for j, block in enumerate(blocks):
+                begin = start + j * self.block  # its entries score tokens begin + 1 .. begin + C
+                if begin + self.block < scored_from:
+                    continue
                 assert block.logprobs is not None  # matched only if it has them
-                following = request.prompt_ids[start + (j + 1) * self.block]
-                request.prompt_logprobs += block.logprobs.for_next(following, top)
+                following = request.prompt_ids[begin + self.block]
+                entries = block.logprobs.for_next(following, top)
+                request.prompt_logprobs += entries[max(0, scored_from - begin - 1) :]
 
     @torch.inference_mode()
     def decode(self, requests: list[Request]) -> torch.Tensor:

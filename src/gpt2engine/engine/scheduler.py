@@ -93,7 +93,9 @@ class Scheduler:
     def cached_blocks(self, request: Request) -> list[Block]:
         if self.prefix_cache is None:
             return []
-        return self.prefix_cache.match(request.prompt_ids, request.prefilled, request.options.prompt_logprobs)
+        options = request.options
+        return self.prefix_cache.match(request.prompt_ids, request.prefilled, options.prompt_logprobs,
+                                       options.prompt_logprobs_from)
 
     def remove(self, request: Request) -> None:
         """Take a finished or aborted request out: free its row, or drop it from the queue."""
