@@ -59,7 +59,10 @@ def write_task(folder: Path, questions: int) -> Path:
     lines = [line.strip() for line in TEMPEST.read_text().splitlines() if len(line.split()) >= 8]
     rng = random.Random(0)
     docs = []
-    for i in range(5, 5 + 6 * (questions + 5), 6):
+    step = (len(lines) - 5) // (questions + 5)  # 1,171 lines: up to about 230 questions
+    if step < 1:
+        raise SystemExit(f"The Tempest has lines for at most {len(lines) - 10} questions")
+    for i in range(5, 5 + step * (questions + 5), step):
         words = lines[i].split()
         half = len(words) // 2
         endings = [" " + " ".join(words[half:])]

@@ -58,7 +58,7 @@ def test_export_refuses_what_llama_cpp_cannot_run_and_never_overwrites(make_chec
     with pytest.raises(GPT2EngineError, match="scale_attn_by_inverse_layer_idx"):
         export_gguf(scaled, tokenizer, tmp_path / "a.gguf")
     small_vocab = GPT2.from_pretrained(make_checkpoint(**TINY_CONFIGS["odd-heads"]))
-    with pytest.raises(GPT2EngineError, match="tokenizer has 50257 tokens and the model 97"):
+    with pytest.raises(GPT2EngineError, match="tokenizer has 50257 tokens and the model only 97"):
         export_gguf(small_vocab, tokenizer, tmp_path / "b.gguf")
     existing = tmp_path / "c.gguf"
     existing.write_bytes(b"keep me")

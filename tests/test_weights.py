@@ -237,7 +237,7 @@ def test_folder_without_weights_or_config(tmp_path):
 def test_missing_folder_and_file_instead_of_folder(tmp_path, checkpoint):
     with pytest.raises(GPT2EngineError, match="no such folder"):
         GPT2.from_pretrained(tmp_path / "nowhere" / "model")
-    with pytest.raises(GPT2EngineError, match="is a file; pass the checkpoint's folder"):
+    with pytest.raises(GPT2EngineError, match="is a file, but not a nanoGPT .* pass its folder"):
         GPT2.from_pretrained(checkpoint / "model.safetensors")
 
 

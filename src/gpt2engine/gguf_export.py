@@ -26,6 +26,8 @@ BLOCK_TENSORS = {
 TOP_TENSORS = {"wte": "token_embd", "wpe": "position_embd", "ln_f": "output_norm", "lm_head": "output"}
 
 
+VOCABULARY_ROWS = ("wte.weight", "lm_head.weight")  # a padded vocabulary's (nanoGPT, llm.c) extra rows
+
 def gguf_name(name: str) -> str:
     """`h.3.attn.c_attn.weight` -> `blk.3.attn_qkv.weight`; `wte.weight` -> `token_embd.weight`."""
     module, kind = name.rsplit(".", 1)
@@ -40,9 +42,9 @@ def check_exportable(model: GPT2, tokenizer: Tokenizer) -> None:
     if c.scale_attn_by_inverse_layer_idx or not c.scale_attn_weights or c.activation_function == "gelu":
         raise GPT2EngineError("GGUF export: llama.cpp's gpt2 has no scale_attn_by_inverse_layer_idx, "
                               "unscaled attention or exact-erf GELU; this checkpoint uses one of them")
-    if tokenizer.vocab_size != c.vocab_size:
+    if tokenizer.vocab_size > c.vocab_size:
         raise GPT2EngineError(f"GGUF export: the tokenizer has {tokenizer.vocab_size} tokens and the "
-                              f"model {c.vocab_size} rows; llama.cpp needs them equal")
+                              f"model only {c.vocab_size} rows")
 
 
 def vocabulary(tokenizer: Tokenizer) -> tuple[list[str], list[int], list[str]]:
@@ -98,6 +100,8 @@ def export_gguf(model: GPT2, tokenizer: Tokenizer, path: str | Path, weight_type
                 for add in (writer.add_bos_token_id, writer.add_eos_token_id):
                     add(tokenizer.eot_id)
             for name, tensor in dense_state_dict(model, model.dtype).items():
+                if name in VOCABULARY_ROWS:  # llama.cpp wants a row per token: padding left out
+                    tensor = tensor[: tokenizer.vocab_size]
                 data = tensor.detach().float().cpu().numpy()
                 if quant is not None and data.ndim == 2:
                     writer.add_tensor(gguf_name(name), gguf.quants.quantize(data, quant), raw_dtype=quant)

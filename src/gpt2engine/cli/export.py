@@ -28,19 +28,19 @@ def add_export_command(commands: argparse._SubParsersAction) -> None:
 def run_export(args: argparse.Namespace) -> int:
     from gpt2engine.loading.hub import resolve_checkpoint
     from gpt2engine.loading.pretrained import GPT2
+    from gpt2engine.tokenizer import Tokenizer, tokenizer_folder
 
     out = Path(args.output)
+    source = resolve_checkpoint(args.model, args.revision)
+    text = tokenizer_folder(resolve_checkpoint(args.tokenizer) if args.tokenizer else source)
     if args.format == "gguf":
         from gpt2engine.gguf_export import export_gguf
-        from gpt2engine.tokenizer import Tokenizer
 
-        source = resolve_checkpoint(args.model, args.revision)
-        export_gguf(GPT2.from_pretrained(source), Tokenizer.from_pretrained(source), out, args.gguf_type)
+        export_gguf(GPT2.from_pretrained(source), Tokenizer.from_pretrained(text), out, args.gguf_type)
         print(f"wrote {out} (GGUF, {args.gguf_type} weights)")
         return 0
-    source = resolve_checkpoint(args.model, args.revision)
-    tokenizer_files = tuple(source / name for name in ("vocab.json", "merges.txt", "tokenizer.json")
-                            if (source / name).is_file())
+    tokenizer_files = tuple(text / name for name in ("vocab.json", "merges.txt", "tokenizer.json")
+                            if (text / name).is_file())
     GPT2.from_pretrained(source).save_pretrained(out, extra_files=tokenizer_files)
     print(f"wrote {out} (config.json, model.safetensors"
           + "".join(f", {p.name}" for p in tokenizer_files) + ")")

@@ -41,6 +41,9 @@ def add_model_flags(parser: argparse.ArgumentParser, inherit: bool = False) -> N
     add("--model", default="gpt2", metavar="NAME_OR_PATH",
         help="a checkpoint folder or a Hugging Face Hub id (default: gpt2)")
     add("--revision", help="Hub branch, tag or commit (default: main)")
+    add("--tokenizer", metavar="NAME_OR_PATH",
+        help="take the tokenizer from this folder or Hub id (default: the model's; GPT-2's own for "
+             "a nanoGPT ckpt.pt or an llm.c .bin)")
     add("--device", default="auto", type=device_name,
         help="auto (CUDA when present, else CPU), cpu, cuda, cuda:1, mps, xpu")
     add("--dtype", default="auto", choices=DTYPES,

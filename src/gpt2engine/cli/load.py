@@ -18,7 +18,7 @@ def load(args: argparse.Namespace):
         print(message, file=sys.stderr, flush=True)
 
     return load_pretrained(args.model, args.revision, args.device, args.dtype,
-                           say=None if args.quiet else say)
+                           say=None if args.quiet else say, tokenizer=args.tokenizer)
 
 
 def load_engine(args: argparse.Namespace):

@@ -104,7 +104,8 @@ def run_serve_on_ray(args: argparse.Namespace, settings) -> int:
     scaling = (Scaling(replicas=args.replicas or 1) if args.max_replicas is None else
                Scaling(min_replicas=args.min_replicas, max_replicas=args.max_replicas,
                        upscale_delay=args.upscale_delay, downscale_delay=args.downscale_delay))
-    spec = ReplicaSpec(model=args.model, revision=args.revision, device=args.device, dtype=args.dtype,
+    spec = ReplicaSpec(model=args.model, revision=args.revision, tokenizer=args.tokenizer,
+                       device=args.device, dtype=args.dtype,
                        max_batch=args.max_batch, max_queue=args.max_queue, max_model_len=args.max_model_len,
                        prefill_chunk=args.prefill_chunk, threads=args.cpus_per_replica, settings=settings,
                        replicas_wanted=scaling.replicas or scaling.min_replicas, **engine_options(args))

@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 
 from gpt2engine.errors import GPT2EngineError
+from gpt2engine.loading.training import is_training_checkpoint
 
 CONFIG_AND_TOKENIZER = ["config.json", "vocab.json", "merges.txt", "tokenizer.json"]
 SAFETENSORS_WEIGHTS = ["model.safetensors", "model.safetensors.index.json", "model-*.safetensors"]
@@ -20,12 +21,14 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
 def resolve_checkpoint(name_or_path: str | Path, revision: str | None = None) -> Path:
-    """The local folder holding `name_or_path`, downloading it into the Hub cache if needed."""
+    """The local folder holding `name_or_path`, downloading it into the Hub cache if needed; or
+    the file itself, when it is a nanoGPT or llm.c checkpoint (loading/training.py)."""
     path = Path(name_or_path).expanduser()
-    if path.is_dir():
+    if path.is_dir() or is_training_checkpoint(path):
         return path
     if path.exists():
-        raise GPT2EngineError(f"{path}: is a file; pass the checkpoint's folder")
+        raise GPT2EngineError(f"{path}: is a file, but not a nanoGPT (ckpt.pt) or llm.c (.bin) checkpoint; "
+                              "for a Hugging Face checkpoint pass its folder")
     if not HUB_ID.match(str(name_or_path)):
         raise GPT2EngineError(f"{path}: no such folder")
     return download(str(name_or_path), revision)

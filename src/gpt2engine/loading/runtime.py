@@ -66,10 +66,11 @@ def pick_dtype(name: str | torch.dtype, device: torch.device) -> tuple[torch.dty
 
 def load_pretrained(
     name_or_path: str, revision: str | None = None, device: str = "auto", dtype: str = "auto",
-    say: Callable[[str], None] | None = None,
+    say: Callable[[str], None] | None = None, tokenizer: str | None = None,
 ) -> tuple[GPT2, Tokenizer]:
-    """Model and tokenizer of one checkpoint, resolved (or downloaded) once; `say` hears what is
-    being loaded, from where, on which device and dtype, and how long it took."""
+    """Model and tokenizer of one checkpoint, resolved (or downloaded) once (`tokenizer`: another
+    folder or Hub id to take the tokenizer from); `say` hears what is being loaded, from where, on
+    which device and dtype, and how long it took."""
     import time
 
     from gpt2engine.loading.hub import resolve_checkpoint
@@ -83,7 +84,7 @@ def load_pretrained(
     folder = resolve_checkpoint(name_or_path, revision)
     # A broken tokenizer fails before the weights load. Parsed before torch is imported, the
     # parse's freed Python objects leave room that torch's import fills (4 MiB less at the peak).
-    tokenizer = Tokenizer.from_pretrained(folder)
+    text = Tokenizer.from_pretrained(tokenizer or folder, revision=None if tokenizer else revision)
     from gpt2engine.loading.weights import load_model  # it imports torch, so after the tokenizer
 
     target = pick_device(device)
@@ -92,10 +93,10 @@ def load_pretrained(
     where = str(folder) if str(folder) == str(name_or_path) else f"{name_or_path} ({folder})"
     say(f"Loading weights from {where} on {target}, {mode}...")
     model = load_model(folder, dtype=compute, device=target, weight_format=weight_format)
-    check_vocabularies(model, tokenizer)
+    check_vocabularies(model, text)
     say(f"Weights loaded successfully ({model.config.parameter_count() / 1e6:.0f}M parameters, "
         f"{time.perf_counter() - started:.1f} s).")
-    return model, tokenizer
+    return model, text
 
 
 def check_vocabularies(model: GPT2, tokenizer: Tokenizer) -> None:

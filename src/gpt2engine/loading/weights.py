@@ -27,6 +27,7 @@ from gpt2engine.config import GPT2Config
 from gpt2engine.errors import GPT2EngineError
 from gpt2engine.loading.arena import Arena, padded
 from gpt2engine.loading.hub import resolve_checkpoint
+from gpt2engine.loading.training import read_training_checkpoint
 from gpt2engine.model import GPT2, Embedding, Linear
 
 # Conv1D weights: stored (in, out) in the checkpoint, transposed into Linear's (out, in).
@@ -321,16 +322,22 @@ def load_model(
 ) -> GPT2:
     """Build GPT2 on the meta device and assign the converted tensors: one copy of the weights,
     in `weight_format` (formats.py) if one is given."""
-    folder = resolve_checkpoint(name_or_path, revision)
-    config = GPT2Config.from_json_file(folder / "config.json")
-    files = weight_files(folder)
+    source = resolve_checkpoint(name_or_path, revision)
+    tensors: Iterator[tuple[str, torch.Tensor, tuple[int, int] | None]]
+    if source.is_file():  # nanoGPT's or llm.c's: the config and the tensors from one file
+        config, tensors = read_training_checkpoint(source)
+        files = [source]
+    else:
+        config = GPT2Config.from_json_file(source / "config.json")
+        files = weight_files(source)
+        tensors = read_tensors(files)
     check_size(config, files)
     with torch.device("meta"):
         model = GPT2(config)
     if weight_format:
         prepare(model, weight_format)
     with large_buffers_returned():
-        state = convert_checkpoint(read_tensors(files), model, dtype, device, weight_format)
+        state = convert_checkpoint(tensors, model, dtype, device, weight_format)
     model.load_state_dict(state, assign=True)
     model.tie_weights()
     return model.eval().requires_grad_(False)

@@ -43,6 +43,7 @@ class ReplicaSpec:
     settings: Settings
     replicas_wanted: int  # /health is 200 once this many are running
     cuda_graphs: bool = True
+    tokenizer: str | None = None
     prefix_cache_mib: float = DEFAULT_PREFIX_CACHE_MIB
 
 
@@ -86,7 +87,8 @@ def application(spec: ReplicaSpec, scaling: Scaling, shutdown_timeout: float = D
             from gpt2engine.loading.runtime import load_pretrained
 
             torch.set_num_threads(spec.threads)
-            model, tokenizer = load_pretrained(spec.model, spec.revision, spec.device, spec.dtype)
+            model, tokenizer = load_pretrained(spec.model, spec.revision, spec.device, spec.dtype,
+                                               tokenizer=spec.tokenizer)
             self.spec = spec
             self.engine = Engine(model, tokenizer, max_batch=spec.max_batch, max_queue=spec.max_queue,
                                  max_len=spec.max_model_len, prefill_chunk=spec.prefill_chunk,

@@ -206,6 +206,15 @@ def bpe_encoder(vocabulary: Vocabulary, where: str) -> Callable[[str], list[int]
     return lambda text: backend.encode(text, add_special_tokens=False).ids
 
 
+GPT2_VOCABULARY = Path(__file__).parent / "gpt2"  # GPT-2's vocab.json and merges.txt (OpenAI, MIT)
+
+
+def tokenizer_folder(checkpoint: Path) -> Path:
+    """Where a checkpoint's tokenizer files are: its folder, or for a training checkpoint (one
+    file, no tokenizer: nanoGPT, llm.c) GPT-2's own, which both use."""
+    return checkpoint if checkpoint.is_dir() else GPT2_VOCABULARY
+
+
 class Tokenizer:
     def __init__(self, vocabulary: Vocabulary, folder: Path) -> None:
         self.folder = folder  # where the vocabulary was read (an export copies it from there)
@@ -220,8 +229,9 @@ class Tokenizer:
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, *, revision: str | None = None) -> Tokenizer:
-        """Read `tokenizer.json`, else `vocab.json` + `merges.txt`, from a folder or a Hub id."""
-        folder = resolve_checkpoint(name_or_path, revision)
+        """Read `tokenizer.json`, else `vocab.json` + `merges.txt`, from a folder or a Hub id; a
+        nanoGPT or llm.c checkpoint file gets GPT-2's own (bundled)."""
+        folder = tokenizer_folder(resolve_checkpoint(name_or_path, revision))
         return cls(read_vocabulary(folder), folder)
 
     @property
