@@ -438,3 +438,91 @@ def test_listening_beyond_loopback_without_a_key_warns(tiny_checkpoint):
     keyed = subprocess.run([GPT2_COMMAND, "serve", "--model", str(tiny_checkpoint), "--host", "192.0.2.1",
                             "--port", "8000", "--api-key", KEY], capture_output=True, text=True, timeout=60)
     assert "warning" not in keyed.stderr and keyed.returncode == 1
+
+
+DIALOGPT = "{% for message in messages %}{{ message.content }}{{ eos_token }}{% endfor %}"
+CHATML = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CONVERSATION = [{"role": "user", "content": "Does money buy happiness?"},
+                {"role": "assistant", "content": "Depends how much money you spend on it."},
+                {"role": "user", "content": "What is the best way to buy happiness?"}]
+
+
+@pytest.fixture(scope="module")
+def chat_servers(tiny_checkpoint, tmp_path_factory):
+    """One server with the checkpoint's own template (DialoGPT's turns, in tokenizer_config.json),
+    one given ChatML by --chat-template."""
+    import shutil
+
+    own = tmp_path_factory.mktemp("dialogpt") / "ckpt"
+    shutil.copytree(tiny_checkpoint, own)
+    (own / "tokenizer_config.json").write_text(json.dumps({"chat_template": DIALOGPT}))
+    servers = {"dialogpt": Server(own), "chatml": Server(tiny_checkpoint, "--chat-template", CHATML)}
+    yield servers
+    for server in servers.values():
+        server.stop()
+
+
+@pytest.mark.parametrize(("template", "rendered"), [
+    ("dialogpt", "".join(m["content"] + "<|endoftext|>" for m in CONVERSATION)),
+    ("chatml", "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in CONVERSATION)
+     + "<|im_start|>assistant\n"),
+])
+def test_chat_through_the_openai_client_plain_and_streamed(chat_servers, tiny_model, template, rendered):
+    server = chat_servers[template]
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=60)
+    expected = library(tiny_model, rendered, max_tokens=10, ignore_eos=True)
+    assert expected.text
+    result = client.chat.completions.create(model=NAME, messages=CONVERSATION, max_tokens=10, temperature=0,
+                                            extra_body={"ignore_eos": True}, logprobs=True, top_logprobs=2)
+    choice = result.choices[0]
+    assert result.object == "chat.completion" and result.id.startswith("chatcmpl-")
+    assert choice.message.role == "assistant" and choice.message.content == expected.text
+    assert choice.finish_reason == "length" and len(choice.logprobs.content) == 10
+    tokens = choice.logprobs.content
+    assert all(len(t.top_logprobs) == 2 and t.bytes == list(t.token.encode()) for t in tokens)
+    assert result.usage.prompt_tokens == len(tiny_model[1].encode(rendered))
+    chunks = list(client.chat.completions.create(
+        model=NAME, messages=CONVERSATION, max_tokens=10, temperature=0, stream=True,
+        stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected.text
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 10
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    tokens = server.post("/tokenize", {"messages": CONVERSATION}).json()
+    assert tokens["tokens"] == tiny_model[1].encode(rendered)
+
+
+REQUIRES_SYSTEM = "{% if messages[0].role != 'system' %}{{ raise_exception('a system message first') }}{% endif %}"
+
+
+def test_chat_template_switches_and_errors(chat_servers, server, tiny_model, tiny_checkpoint):
+    chatml = chat_servers["chatml"]
+    body = {"messages": [*CONVERSATION, {"role": "assistant", "content": "Buy a"}], "max_tokens": 4,
+            "temperature": 0, "ignore_eos": True, "add_generation_prompt": False,
+            "continue_final_message": True}
+    went_on = chatml.post("/v1/chat/completions", body).json()
+    prefix = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in CONVERSATION)
+    expected = library(tiny_model, prefix + "<|im_start|>assistant\nBuy a", max_tokens=4, ignore_eos=True)
+    assert went_on["choices"][0]["message"]["content"] == expected.text
+    both = chatml.post("/v1/chat/completions", {**body, "add_generation_prompt": True})
+    assert both.status_code == 400 and "cannot both be true" in both.json()["error"]["message"]
+    none = server.post("/v1/chat/completions", {"messages": CONVERSATION})  # a checkpoint without one
+    assert none.status_code == 400 and "--chat-template" in none.json()["error"]["message"]
+    failing = Server(tiny_checkpoint, "--chat-template", REQUIRES_SYSTEM)
+    try:
+        refused = failing.post("/v1/chat/completions", {"messages": CONVERSATION})
+        assert refused.status_code == 400 and "a system message first" in refused.json()["error"]["message"]
+        assert refused.json()["error"]["param"] == "messages"
+        bad = failing.post("/v1/chat/completions", {"messages": [{"content": "no role"}]})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "messages"
+    finally:
+        failing.stop()
+
+
+def test_a_broken_chat_template_stops_the_start_in_one_line(tiny_checkpoint):
+    done = subprocess.run([GPT2_COMMAND, "serve", "--model", str(tiny_checkpoint), "--port", str(free_port()),
+                           "--chat-template", "{% for m in messages %}{{ m.content }"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "chat template line 1" in done.stderr

@@ -29,8 +29,8 @@ from gpt2engine.server.settings import (
 def add_serve_command(commands: argparse._SubParsersAction) -> None:
     serve = commands.add_parser(
         "serve", help="an OpenAI-compatible HTTP server",
-        description="Serve /v1/completions (OpenAI's API, streamed or not), /v1/models, /health, "
-                    "/tokenize, /detokenize and /metrics, with continuous batching.")
+        description="Serve /v1/completions and /v1/chat/completions (OpenAI's API, streamed or not), "
+                    "/v1/models, /health, /tokenize, /detokenize and /metrics, with continuous batching.")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     serve.add_argument("--port", type=bounded_int(0, 65535), default=8000, help="default: 8000")
     serve.add_argument("--max-batch", type=positive_int, default=DEFAULT_MAX_BATCH, metavar="N",
@@ -41,6 +41,10 @@ def add_serve_command(commands: argparse._SubParsersAction) -> None:
                        help="positions per cache row (default: the model's context)")
     serve.add_argument("--prefill-chunk", type=positive_int, default=DEFAULT_PREFILL_CHUNK, metavar="T",
                        help="prompt tokens prefilled per step while others decode (default: %(default)s)")
+    serve.add_argument("--chat-template", metavar="FILE_OR_STRING",
+                       help="the Jinja chat template of /v1/chat/completions, a file or the template "
+                            "itself (default: the checkpoint's tokenizer_config.json chat_template or "
+                            "chat_template.jinja; without one, chat requests get 400)")
     serve.add_argument("--api-key", type=api_key, default=os.environ.get("GPT2ENGINE_API_KEY"), metavar="KEY",
                        help="require Authorization: Bearer KEY (default: $GPT2ENGINE_API_KEY; none)")
     serve.add_argument("--served-model-name", metavar="NAME",
@@ -89,7 +93,7 @@ def run_serve(args: argparse.Namespace) -> int:
                       **engine_options(args))
 
     settings = Settings(model_name=args.served_model_name or args.model, api_key=args.api_key,
-                        max_body_bytes=args.max_body_bytes)
+                        max_body_bytes=args.max_body_bytes, chat_template=args.chat_template)
     if args.ray:
         return run_serve_on_ray(args, settings)
     return serve(build_engine, settings, args.host, args.port, args.shutdown_timeout,

@@ -8,6 +8,7 @@ the limit. Routes turn requests into engine requests and engine outputs into Ope
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import json
 import threading
@@ -23,16 +24,21 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from gpt2engine import __version__
+from gpt2engine.chat import NO_TEMPLATE, ChatTemplate
 from gpt2engine.engine import Engine, QueueFull, StepOutput
 from gpt2engine.engine.async_engine import AsyncEngine
 from gpt2engine.errors import GPT2EngineError
 from gpt2engine.server.metrics import Metrics
 from gpt2engine.server.protocol import (
     APIError,
+    ChatCompletionRequest,
+    ChatMessage,
     Choice,
     CompletionRequest,
     DetokenizeRequest,
     TokenizeRequest,
+    chat_choice,
+    chat_delta,
     check,
     completion,
     options_for,
@@ -51,10 +57,12 @@ class State:
         self.settings = settings
         self.status = "loading"  # -> ready -> draining; or failed
         self.loaded: tuple[AsyncEngine, Metrics] | None = None
+        self.chat_template: ChatTemplate | None = None
         self.inflight = 0
         self.created = int(time.time())
 
     def attach(self, engine: Engine) -> None:
+        self.chat_template = ChatTemplate.find(engine.tokenizer, self.settings.chat_template)
         running = AsyncEngine(engine)
         self.loaded = running, Metrics(lambda: running.running, lambda: running.waiting, running.max_batch,
                                        running.prefix_cache_stats)
@@ -69,6 +77,17 @@ class State:
     @property
     def engine(self) -> AsyncEngine:
         return self.ready()[0]
+
+    def render_chat(self, messages: list[ChatMessage], add_generation_prompt: bool,
+                    continue_final_message: bool) -> str:
+        """The conversation as the prompt text, by the chat template; 400 without one."""
+        if self.chat_template is None:
+            raise APIError(400, NO_TEMPLATE, "messages")
+        try:
+            return self.chat_template.render([m.model_dump() for m in messages], add_generation_prompt,
+                                             continue_final_message)
+        except GPT2EngineError as error:
+            raise APIError(400, str(error), "messages") from None
 
     @property
     def metrics(self) -> Metrics:
@@ -207,10 +226,15 @@ def create_app(
         return {"eos_token": eot, "bos_token": eot, "pad_token": None, "unk_token": eot,
                 "model_max_length": engine.max_len, "tokenizer_class": "GPT2TokenizerFast"}
 
-    @app.post("/tokenize", summary="text -> token ids")
+    @app.post("/tokenize", summary="text, or a conversation through the chat template -> token ids")
     async def tokenize(body: TokenizeRequest) -> dict:
         engine = state.engine
-        tokens = engine.tokenizer.encode(body.prompt)
+        if (body.prompt is None) == (body.messages is None):
+            raise APIError(400, "give either prompt or messages", "prompt")
+        text = body.prompt if body.messages is None else state.render_chat(
+            body.messages, body.add_generation_prompt, continue_final_message=False)
+        assert text is not None  # one of the two, checked above
+        tokens = engine.tokenizer.encode(text)
         return {"tokens": tokens, "count": len(tokens), "max_model_len": engine.max_len}
 
     @app.post("/detokenize", summary="token ids -> text")
@@ -221,17 +245,25 @@ def create_app(
             raise APIError(400, f"token id {bad[0]} is out of range [0, {tokenizer.vocab_size})", "tokens")
         return {"prompt": tokenizer.decode(body.tokens)}
 
-    @app.post("/v1/chat/completions", include_in_schema=False)
-    async def chat() -> JSONResponse:
-        return error_response(APIError(
-            404, "GPT-2 is a plain language model with no chat format: use /v1/completions with "
-                 "a prompt to continue", kind="not_found_error"))
+    def check_model(model: str | None) -> None:
+        if model not in (None, settings.model_name):
+            raise APIError(404, f"model {model!r} is not served here (this server serves "
+                                f"{settings.model_name!r})", "model", kind="not_found_error")
+
+    @app.post("/v1/chat/completions", summary="OpenAI's chat completions, through the chat template")
+    async def chat_completions(body: ChatCompletionRequest, raw: Request) -> Response:
+        check_model(body.model)
+        prompt = state.render_chat(body.messages, body.add_generation_prompt, body.continue_final_message)
+        completion_body = body.as_completion(prompt)
+        run = await start_completion(state, completion_body, "chatcmpl")
+        if body.stream:
+            return StreamingResponse(stream_completion(state, run, completion_body, chat=True),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return await finish_completion(state, run, raw, chat=True)
 
     @app.post("/v1/completions", summary="OpenAI's completions, streamed or not")
     async def completions(body: CompletionRequest, raw: Request) -> Response:
-        if body.model not in (None, settings.model_name):
-            raise APIError(404, f"model {body.model!r} is not served here (this server serves "
-                                f"{settings.model_name!r})", "model", kind="not_found_error")
+        check_model(body.model)
         run = await start_completion(state, body)
         if body.stream:
             return StreamingResponse(stream_completion(state, run, body), media_type="text/event-stream",
@@ -258,11 +290,11 @@ class Run:
         return any(c.finish_reason is None for c in self.choices)
 
 
-async def start_completion(state: State, body: CompletionRequest) -> Run:
+async def start_completion(state: State, body: CompletionRequest, kind: str = "cmpl") -> Run:
     """Check the request and add its prompts x n choices to the engine (all or none)."""
     engine, metrics = state.ready()
     tokenizer, context = engine.tokenizer, engine.max_len
-    completion_id, outputs = f"cmpl-{uuid.uuid4().hex}", asyncio.Queue[StepOutput]()
+    completion_id, outputs = f"{kind}-{uuid.uuid4().hex}", asyncio.Queue[StepOutput]()
     check(body)
     prompts = prompts_of(body)
     work = []
@@ -344,8 +376,8 @@ def total_usage(run: Run) -> dict[str, Any]:
                  sum(r.cached_tokens for r in firsts))
 
 
-async def finish_completion(state: State, run: Run, raw: Request) -> JSONResponse:
-    """Collect the whole completion; a client that goes away aborts it."""
+async def finish_completion(state: State, run: Run, raw: Request, chat: bool = False) -> JSONResponse:
+    """Collect the whole completion (in the chat shape if `chat`); a client that goes away aborts it."""
 
     async def collect() -> None:
         async for _ in outputs_of(state, run):
@@ -361,20 +393,31 @@ async def finish_completion(state: State, run: Run, raw: Request) -> JSONRespons
     error = failure(run)
     if error is not None:
         return error_response(error)
-    return JSONResponse(completion(run.completion_id, run.model, [c.as_dict() for c in run.choices],
-                                   total_usage(run)))
+    choices = [c.as_dict() for c in run.choices]
+    if chat:
+        return JSONResponse(completion(run.completion_id, run.model, [chat_choice(c) for c in choices],
+                                       total_usage(run), "chat.completion"))
+    return JSONResponse(completion(run.completion_id, run.model, choices, total_usage(run)))
 
 
-async def stream_completion(state: State, run: Run, body: CompletionRequest) -> AsyncIterator[str]:
-    """Server-sent events: one chunk per piece, then usage if asked, then [DONE]."""
-    async for _, chunk in outputs_of(state, run):
-        if chunk["text"] or chunk["finish_reason"] or chunk["logprobs"]:
-            yield sse(completion(run.completion_id, run.model, [chunk], None))
+async def stream_completion(
+    state: State, run: Run, body: CompletionRequest, chat: bool = False
+) -> AsyncIterator[str]:
+    """Server-sent events: one chunk per piece (in the chat shape if `chat`, each choice's first
+    saying the role), then usage if asked, then [DONE]."""
+    started: set[int] = set()
+    shape = functools.partial(completion, kind="chat.completion.chunk") if chat else completion
+    async for i, chunk in outputs_of(state, run):
+        if chunk["text"] or chunk["finish_reason"] or chunk["logprobs"] or (chat and i not in started):
+            if chat:
+                chunk = chat_delta(chunk, first=i not in started)
+                started.add(i)
+            yield sse(shape(run.completion_id, run.model, [chunk], None))
     error = failure(run)
     if error is not None:
         yield sse(error.body())
     if body.stream_options and body.stream_options.include_usage:
-        yield sse(completion(run.completion_id, run.model, [], total_usage(run)))
+        yield sse(shape(run.completion_id, run.model, [], total_usage(run)))
     yield "data: [DONE]\n\n"
 
 

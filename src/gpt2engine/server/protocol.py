@@ -43,12 +43,12 @@ class StreamOptions(Strict):
     include_usage: bool = False
 
 
-class CompletionRequest(Strict):
+class GenerationFields(Strict):
+    """What /v1/completions and /v1/chat/completions both take: the model, the sampling, the choices,
+    the stream. One field per sampling_params.ROW_PARAMS, with OpenAI's defaults
+    (tests/test_sampling_params.py checks)."""
+
     model: str | None = Field(None, description="the served model's name (default: it)")
-    prompt: str | list[str] | list[int] | list[list[int]] = Field(
-        description="a string, a list of strings, a list of token ids or a list of such lists")
-    max_tokens: int | None = Field(16, description="null: as many as the context leaves")
-    # one field per sampling_params.ROW_PARAMS, with OpenAI's defaults (tests/test_server.py checks)
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = Field(-1, description="-1 or 0: off")
@@ -64,15 +64,52 @@ class CompletionRequest(Strict):
     ignore_eos: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
+    user: str | None = None
+
+
+class CompletionRequest(GenerationFields):
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        description="a string, a list of strings, a list of token ids or a list of such lists")
+    max_tokens: int | None = Field(16, description="null: as many as the context leaves")
     logprobs: int | None = Field(None, description="0-5: the chosen token's logprob and the top N")
     echo: bool = False
-    user: str | None = None
     suffix: str | None = None
     best_of: int | None = None
 
 
+class ChatMessage(Strict):
+    model_config = ConfigDict(strict=True, extra="allow")  # name, tool fields...: the template's
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+
+
+class ChatCompletionRequest(GenerationFields):
+    """OpenAI's chat completions and vLLM's template switches: the conversation is rendered by the
+    chat template into one prompt, which is then completed as /v1/completions would."""
+
+    messages: list[ChatMessage]
+    max_tokens: int | None = Field(None, description="null: as many as the context leaves")
+    max_completion_tokens: int | None = Field(None, description="OpenAI's newer name for max_tokens")
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, description="0-5, with logprobs: the top N at each token")
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+
+    def as_completion(self, prompt: str) -> CompletionRequest:
+        """The same request as a completion of the rendered conversation."""
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+        fields = self.model_dump(include=set(GenerationFields.model_fields))
+        max_tokens = self.max_tokens if self.max_completion_tokens is None else self.max_completion_tokens
+        logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        return CompletionRequest.model_validate(
+            {**fields, "prompt": prompt, "max_tokens": max_tokens, "logprobs": logprobs})
+
+
 class TokenizeRequest(Strict):
-    prompt: str
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, description="a conversation, for the chat template")
+    add_generation_prompt: bool = True
     add_special_tokens: bool = False  # GPT-2 adds none either way
 
 
@@ -187,6 +224,35 @@ class Choice:
         return self.add(output.text, ids, [output.logprob] * len(ids))
 
 
+def chat_logprobs(choice: dict[str, Any]) -> dict[str, Any] | None:
+    """A completion choice's logprobs in the chat format: {"content": [{token, logprob, bytes,
+    top_logprobs: [{token, logprob, bytes}]}]}."""
+    logprobs = choice["logprobs"]
+    if logprobs is None:
+        return None
+
+    def entry(token: str, logprob: float) -> dict[str, Any]:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8", "surrogatepass"))}
+
+    tokens = zip(logprobs["tokens"], logprobs["token_logprobs"], logprobs["top_logprobs"], strict=True)
+    return {"content": [{**entry(token, logprob),
+                         "top_logprobs": [entry(t, lp) for t, lp in (top or {}).items()]}
+                        for token, logprob, top in tokens]}
+
+
+def chat_choice(choice: dict[str, Any]) -> dict[str, Any]:
+    """A whole completion choice as a chat choice."""
+    return {"index": choice["index"], "message": {"role": "assistant", "content": choice["text"]},
+            "logprobs": chat_logprobs(choice), "finish_reason": choice["finish_reason"]}
+
+
+def chat_delta(choice: dict[str, Any], first: bool) -> dict[str, Any]:
+    """A streamed completion choice as a chat chunk's choice (the role in a choice's first)."""
+    delta = {"role": "assistant", "content": choice["text"]} if first else {"content": choice["text"]}
+    return {"index": choice["index"], "delta": delta, "logprobs": chat_logprobs(choice),
+            "finish_reason": choice["finish_reason"]}
+
+
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
     """OpenAI's usage; cached_tokens: prompt tokens that came from the prefix cache."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
@@ -194,9 +260,12 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dic
             "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
-def completion(completion_id: str, model: str, choices: list[dict], usage_: dict | None) -> dict[str, Any]:
-    body = {"id": completion_id, "object": "text_completion", "created": int(time.time()),
-            "model": model, "choices": choices}
+def completion(
+    completion_id: str, model: str, choices: list[dict], usage_: dict | None, kind: str = "text_completion"
+) -> dict[str, Any]:
+    """A response or a streamed chunk; `kind`: text_completion, chat.completion(.chunk)."""
+    body: dict[str, Any] = {"id": completion_id, "object": kind, "created": int(time.time()),
+                            "model": model, "choices": choices}
     if usage_ is not None:
         body["usage"] = usage_
     return body

@@ -15,6 +15,7 @@ class Settings:
     model_name: str  # the name clients pass as `model`
     api_key: str | None = None
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    chat_template: str | None = None  # --chat-template: a file or the template (else the checkpoint's)
 
 
 @dataclass(frozen=True)
