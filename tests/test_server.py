@@ -493,7 +493,8 @@ def test_chat_through_the_openai_client_plain_and_streamed(chat_servers, tiny_mo
     assert tokens["tokens"] == tiny_model[1].encode(rendered)
 
 
-REQUIRES_SYSTEM = "{% if messages[0].role != 'system' %}{{ raise_exception('a system message first') }}{% endif %}"
+REQUIRES_SYSTEM = ("{% if messages[0].role != 'system' %}{{ raise_exception('a system message first') }}"
+                   "{% endif %}")
 
 
 def test_chat_template_switches_and_errors(chat_servers, server, tiny_model, tiny_checkpoint):
