@@ -14,7 +14,7 @@ rendered is a GPT2EngineError naming the problem.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from gpt2engine.tokenizer import Tokenizer
 MAX_TEMPLATE_BYTES = 2**20
 NO_TEMPLATE = ("this model has no chat template (no chat_template in its tokenizer_config.json, no "
                "chat_template.jinja); give one with --chat-template FILE_OR_STRING (a Jinja template, "
-               "as transformers' chat_template), or send a prompt to /v1/completions")
+               "as transformers' chat_template)")
 
 
 @dataclass(frozen=True)
@@ -97,6 +97,41 @@ class ChatTemplate:
                                       "message's text as it is")
             text = text[: text.rindex(final) + len(final)]
         return text
+
+
+@dataclass
+class Conversation:
+    """The REPL's chat: the turns so far, rendered whole each time, the oldest dropped when the
+    prompt and `room` new tokens would not fit `context`."""
+
+    template: ChatTemplate
+    tokenizer: Tokenizer
+    context: int
+    room: int  # tokens kept free for the answer
+    messages: list[dict[str, str]] = field(default_factory=list)
+
+    def ask(self, text: str) -> tuple[str, int]:
+        """Add the user's turn -> (the prompt to answer, how many earlier turns were dropped)."""
+        self.messages.append({"role": "user", "content": text})
+        dropped = 0
+        while True:
+            prompt = self.template.render(self.messages)
+            if len(self.tokenizer.encode(prompt)) + self.room <= self.context:
+                return prompt, dropped
+            if len(self.messages) == 1:
+                self.messages.clear()
+                raise GPT2EngineError(f"this message and {self.room} new tokens do not fit the model's "
+                                      f"context of {self.context} tokens")
+            del self.messages[0]
+            dropped += 1
+
+    def answer(self, text: str) -> None:
+        self.messages.append({"role": "assistant", "content": text})
+
+    def forget_question(self) -> None:
+        """The last question got no answer (interrupted, failed): as if it was never asked."""
+        if self.messages and self.messages[-1]["role"] == "user":
+            self.messages.pop()
 
 
 def special_tokens(tokenizer: Tokenizer) -> dict[str, str]:

@@ -33,6 +33,13 @@ def build_parser() -> OneLineParser:
     add_model_flags(parser)
     add_engine_flags(parser)
     add_generation_flags(parser)
+    chat = parser.add_argument_group("chat (the REPL)")
+    chat.add_argument("--chat", action="store_true",
+                      help="a conversation: each prompt is your turn, rendered with the earlier ones by "
+                           "the chat template; /reset starts over")
+    chat.add_argument("--chat-template", metavar="FILE_OR_STRING",
+                      help="the Jinja chat template, a file or the template itself (default: the "
+                           "checkpoint's tokenizer_config.json chat_template or chat_template.jinja)")
     parser.set_defaults(run=run_repl)
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", parser_class=OneLineParser)
 

@@ -82,7 +82,7 @@ class State:
                     continue_final_message: bool) -> str:
         """The conversation as the prompt text, by the chat template; 400 without one."""
         if self.chat_template is None:
-            raise APIError(400, NO_TEMPLATE, "messages")
+            raise APIError(400, f"{NO_TEMPLATE}, or send a prompt to /v1/completions", "messages")
         try:
             return self.chat_template.render([m.model_dump() for m in messages], add_generation_prompt,
                                              continue_final_message)
