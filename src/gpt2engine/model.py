@@ -97,7 +97,7 @@ class Linear(nn.Linear):
 
     def reset_parameters(self) -> None:
         """nn.Linear's initialisation, skipped on the meta device as in embedding_init (there it
-        also brings in 1 MiB of torch's code)."""
+        also brings in torch's code for it)."""
         if not self.weight.is_meta:
             super().reset_parameters()
 

@@ -7,8 +7,8 @@
  *
  * A tensor in a file is read with pread, BLOCK rows at a time, into a buffer of each thread's:
  * read through the file's memory map instead, the kernel maps each large folio of the page cache
- * whole at its first touch (2 MiB each on ext4 with Linux 6.18), and that much stays counted in
- * the process until given back; at the end of a load those pages were the peak's last 4 MiB.
+ * whole at its first touch, and that much stays counted in the process until given back: at the
+ * end of a load, those pages were the top of the peak (docs/loading.md).
  */
 #include <errno.h>
 #include <math.h>

@@ -1,8 +1,8 @@
 /* A whole decode step of GPT-2 on the CPU in one call (gpt2engine.kernels.step).
  *
- * At batch 1 a step of the 124M model is ~5 ms of weight streaming, and driving it from Python,
- * one torch call per LayerNorm, product, attention and residual (some 150 of them), added half
- * as much again. Here the whole step is one OpenMP parallel region: the threads share out each
+ * At batch 1 a step is mostly weight streaming, and driving it from Python, one torch call per
+ * LayerNorm, product, attention and residual (some 150 of them for the 124M model), added half
+ * as much again (docs/kernels.md). Here the whole step is one OpenMP parallel region: the threads share out each
  * product's weight rows (linear.c) and each layer's heads (attention.c), and meet at a barrier
  * between the stages. The residual adds and the GELU are the epilogues of the products before
  * them. The arithmetic is model.py's, row by row, so a row gives the same bits alone or in any

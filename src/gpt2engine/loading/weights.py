@@ -91,12 +91,12 @@ SAFETENSORS_DTYPES = {
 def large_buffers_returned() -> Iterator[None]:
     """While loading, have glibc give buffers of 128 KiB and up back to the system when freed. By
     default it raises that threshold to the largest buffer freed so far, so the tensors read and
-    converted one after another leave a heap of freed ones behind (at the peak, 5% more memory for
-    float32 weights, a quarter more for bfloat16). Afterwards the thresholds are where glibc's own
+    converted one after another leave a heap of freed ones behind (measured: docs/loading.md).
+    Afterwards the thresholds are where glibc's own
     rule ends up (32 MiB; trimming at twice that): the many temporaries of inference must come from
     the heap, not from fresh pages. Before the weights come in, the free memory inside the heap
-    goes back too (malloc_trim): what earlier steps freed, such as the tokenizer's files parsed
-    (2.3 MiB for GPT-2's). Elsewhere than glibc this does nothing."""
+    goes back too (malloc_trim): what earlier steps freed, such as the tokenizer's files parsed.
+    Elsewhere than glibc this does nothing."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         mallopt, malloc_trim = libc.mallopt, libc.malloc_trim
@@ -179,8 +179,8 @@ def read_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor, tuple[i
 def read_at(where: tuple[int, int], like: torch.Tensor) -> torch.Tensor:
     """A copy of `like` (a view of a file's memory map) read from the file itself (pread at
     where = (descriptor, offset)). A read through the map would have the kernel map the large
-    folio of the page cache around it whole: for a bias between two weights, up to 2 MiB of
-    their pages, counted in this process from then on (18 MiB over GPT-2 124M)."""
+    folio of the page cache around it whole: for a bias between two weights, the neighbours'
+    pages too, counted in this process from then on."""
     fd, offset = where
     data = bytearray(like.numel() * like.element_size())
     unread = memoryview(data)
@@ -194,7 +194,7 @@ def read_at(where: tuple[int, int], like: torch.Tensor) -> torch.Tensor:
 
 def all_finite(tensor: torch.Tensor) -> bool:
     """No NaN or inf, in one scan of the values (kernels.rows_finite): no temporaries the size of
-    the tensor, and none of torch's reductions (their code is 4 MiB of memory the first time)."""
+    the tensor, and none of torch's reductions (their code takes memory the first time)."""
     return tensor.numel() == 0 or bool(kernels.rows_finite(tensor.reshape(1, -1), tensor.numel())[0])
 
 

@@ -4,8 +4,8 @@
 GPT-2 maps every byte to a printable character, splits text with its regex, then applies the
 merges. Added tokens (`<|endoftext|>`) are matched in the raw text first: the literal text encodes
 to the token's single id, as in GPT2TokenizerFast. The text between them goes to our BPE in C
-(bpe.c: about 1 MiB for GPT-2's 50,000 merges, where the `tokenizers` library holds 20,
-a sixth of int8 GPT-2's weights), or to `tokenizers` where the kernels cannot be built. Decoding
+(bpe.c: a small fraction of the memory the `tokenizers` library holds; docs/tokenizer.md), or
+to `tokenizers` where the kernels cannot be built. Decoding
 goes through bytes, so a stream can hold back a character whose UTF-8 bytes are split across tokens.
 """
 
@@ -124,7 +124,8 @@ def check_tokens(tokens: object, where: str) -> None:
 
 
 class TokenBytes:
-    """Each id's bytes, kept in one string of bytes (a list of 50,257 bytes objects is 2.4 MiB)."""
+    """Each id's bytes, kept in one string of bytes (a list of bytes objects would be several
+    times larger)."""
 
     def __init__(self, pieces: list[bytes]) -> None:
         self.blob = b"".join(pieces)

@@ -1,5 +1,5 @@
-/* GPT-2's byte-level BPE (gpt2engine.tokenizer): the same ids as the `tokenizers` library, in
- * about 1 MiB where that library holds 20.
+/* GPT-2's byte-level BPE (gpt2engine.tokenizer): the same ids as the `tokenizers` library, in a
+ * small fraction of its memory (docs/tokenizer.md).
  *
  * Text (UTF-8) is cut into pieces by GPT-2's regex, written out by hand below:
  *     's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
