@@ -84,7 +84,7 @@ def load_pretrained(
     folder = resolve_checkpoint(name_or_path, revision)
     # A broken tokenizer fails before the weights load. Parsed before torch is imported, the
     # parse's freed Python objects leave room that torch's import fills (a lower peak: docs/loading.md).
-    text = Tokenizer.from_pretrained(tokenizer or folder, revision=None if tokenizer else revision)
+    text = Tokenizer.from_pretrained(tokenizer or folder)
     from gpt2engine.loading.weights import load_model  # it imports torch, so after the tokenizer
 
     target = pick_device(device)

@@ -323,15 +323,16 @@ def load_model(
     """Build GPT2 on the meta device and assign the converted tensors: one copy of the weights,
     in `weight_format` (formats.py) if one is given."""
     source = resolve_checkpoint(name_or_path, revision)
-    tensors: Iterator[tuple[str, torch.Tensor, tuple[int, int] | None]]
+    tensors: Iterator[tuple[str, torch.Tensor, tuple[int, int] | None]] | None = None
     if source.is_file():  # nanoGPT's or llm.c's: the config and the tensors from one file
         config, tensors = read_training_checkpoint(source)
         files = [source]
     else:
         config = GPT2Config.from_json_file(source / "config.json")
         files = weight_files(source)
-        tensors = read_tensors(files)
     check_size(config, files)
+    if tensors is None:
+        tensors = read_tensors(files)
     with torch.device("meta"):
         model = GPT2(config)
     if weight_format:
