@@ -204,6 +204,14 @@ def test_the_command_runs_them_offline_with_gpt2s_tokenizer_and_exports_them(
         t for t in gguf_package.GGUFReader(tmp_path / "m.gguf").tensors if t.name == "token_embd.weight"
     ]
     assert embedding.n_elements == CONFIG["vocab_size"] * CONFIG["n_embd"]  # the padding left out
+    write_nanogpt(tmp_path / "ckpt.pt", reference)  # nanoGPT's exact GELU: exported, and said
+    nanogpt = run_gpt2(
+        "export", str(tmp_path / "n.gguf"), "--model", str(tmp_path / "ckpt.pt"), "--format", "gguf"
+    )
+    assert (
+        nanogpt.returncode == 0
+        and "warning: llama.cpp's gpt2 computes GELU's tanh approximation" in nanogpt.stderr
+    )
 
 
 def test_a_tokenizer_from_elsewhere(tmp_path, reference, tiny_checkpoint):

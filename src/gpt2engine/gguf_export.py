@@ -37,14 +37,21 @@ def gguf_name(name: str) -> str:
     return f"{TOP_TENSORS[module]}.{kind}"
 
 
-def check_exportable(model: GPT2, tokenizer: Tokenizer) -> None:
+EXACT_GELU = ("llama.cpp's gpt2 computes GELU's tanh approximation where this checkpoint (nanoGPT's, or "
+              "activation_function \"gelu\") uses the exact one: activations differ by up to 4.7e-4, so "
+              "llama.cpp's outputs will be close to this model's, not the same")
+
+
+def check_exportable(model: GPT2, tokenizer: Tokenizer) -> list[str]:
+    """Refuse what llama.cpp's gpt2 cannot run; return what it will run only approximately."""
     c = model.config
-    if c.scale_attn_by_inverse_layer_idx or not c.scale_attn_weights or c.activation_function == "gelu":
-        raise GPT2EngineError("GGUF export: llama.cpp's gpt2 has no scale_attn_by_inverse_layer_idx, "
-                              "unscaled attention or exact-erf GELU; this checkpoint uses one of them")
+    if c.scale_attn_by_inverse_layer_idx or not c.scale_attn_weights:
+        raise GPT2EngineError("GGUF export: llama.cpp's gpt2 has no scale_attn_by_inverse_layer_idx or "
+                              "unscaled attention; this checkpoint uses one of them")
     if tokenizer.vocab_size > c.vocab_size:
         raise GPT2EngineError(f"GGUF export: the tokenizer has {tokenizer.vocab_size} tokens and the "
                               f"model only {c.vocab_size} rows")
+    return [EXACT_GELU] if c.activation_function == "gelu" else []
 
 
 def vocabulary(tokenizer: Tokenizer) -> tuple[list[str], list[int], list[str]]:
@@ -60,15 +67,16 @@ def vocabulary(tokenizer: Tokenizer) -> tuple[list[str], list[int], list[str]]:
     return tokens, [int(t) for t in types], vocab.merges
 
 
-def export_gguf(model: GPT2, tokenizer: Tokenizer, path: str | Path, weight_type: str = "f32") -> None:
-    """Write `path` (never over an existing file; written beside it, then renamed into place)."""
+def export_gguf(model: GPT2, tokenizer: Tokenizer, path: str | Path, weight_type: str = "f32") -> list[str]:
+    """Write `path` (never over an existing file; written beside it, then renamed into place) ->
+    what llama.cpp will compute only approximately (for the caller to say)."""
     try:
         import gguf
     except ImportError:
         raise GPT2EngineError("GGUF export needs the gguf package: pip install 'gpt2engine[gguf]'") from None
     if weight_type not in GGUF_TYPES:
         raise GPT2EngineError(f"GGUF weight type must be one of {', '.join(GGUF_TYPES)}, got {weight_type!r}")
-    check_exportable(model, tokenizer)
+    caveats = check_exportable(model, tokenizer)
     path = Path(path)
     if path.exists() or path.is_symlink():
         raise GPT2EngineError(f"{path} already exists; refusing to overwrite it")
@@ -114,3 +122,4 @@ def export_gguf(model: GPT2, tokenizer: Tokenizer, path: str | Path, weight_type
             os.link(staged, path)  # fails, rather than replaces, if the path appeared meanwhile
     except OSError as error:
         raise GPT2EngineError(f"{path}: cannot write the GGUF file ({error.strerror})") from None
+    return caveats

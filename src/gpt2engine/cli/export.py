@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from gpt2engine.cli.flags import add_model_flags
@@ -36,7 +37,10 @@ def run_export(args: argparse.Namespace) -> int:
     if args.format == "gguf":
         from gpt2engine.gguf_export import export_gguf
 
-        export_gguf(GPT2.from_pretrained(source), Tokenizer.from_pretrained(text), out, args.gguf_type)
+        model, tokenizer = GPT2.from_pretrained(source), Tokenizer.from_pretrained(text)
+        caveats = export_gguf(model, tokenizer, out, args.gguf_type)
+        for caveat in caveats:
+            print(f"gpt2 export: warning: {caveat}", file=sys.stderr)
         print(f"wrote {out} (GGUF, {args.gguf_type} weights)")
         return 0
     tokenizer_files = tuple(text / name for name in ("vocab.json", "merges.txt", "tokenizer.json")
