@@ -42,3 +42,14 @@ def test_a_bad_command_line_is_one_line_and_exit_2(capsys, argv, message):
     out, err = capsys.readouterr()
     assert stopped.value.code == 2 and out == ""
     assert err.count("\n") == 1 and message in err and err.startswith("gpt2")
+
+
+COMMANDS = [[], ["generate"], ["serve"], ["export"], ["eval", "perplexity"], ["bench"]]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_commands_help(capsys, command):
+    with pytest.raises(SystemExit) as stopped:
+        main([*command, "--help"])
+    out, err = capsys.readouterr()
+    assert stopped.value.code == 0 and err == "" and "usage: gpt2" in out

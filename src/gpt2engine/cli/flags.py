@@ -61,7 +61,8 @@ def add_engine_flags(parser: argparse.ArgumentParser, inherit: bool = False) -> 
         help="keep prompts' KV cache (and prompt logprobs) for requests that start the same way, "
              "by whole prefill chunks (default: on)")
     add("--prefix-cache-mib", type=non_negative_float, default=DEFAULT_PREFIX_CACHE_MIB, metavar="MIB",
-        help="the most memory the prefix cache keeps, least recently used out first (default: %(default)s)")
+        help=f"the most memory the prefix cache keeps, least recently used out first "
+             f"(default: {DEFAULT_PREFIX_CACHE_MIB})")
 
 
 def engine_options(args: argparse.Namespace) -> dict:
