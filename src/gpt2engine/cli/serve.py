@@ -41,7 +41,7 @@ def add_serve_command(commands: argparse._SubParsersAction) -> None:
                        help="positions per cache row (default: the model's context)")
     serve.add_argument("--prefill-chunk", type=positive_int, default=DEFAULT_PREFILL_CHUNK, metavar="T",
                        help="prompt tokens prefilled per step while others decode (default: %(default)s)")
-    serve.add_argument("--chat-template", metavar="FILE_OR_STRING",
+    serve.add_argument("--chat-template", metavar="FILE_OR_STRING", default=argparse.SUPPRESS,  # or gpt2's
                        help="the Jinja chat template of /v1/chat/completions, a file or the template "
                             "itself (default: the checkpoint's tokenizer_config.json chat_template or "
                             "chat_template.jinja; without one, chat requests get 400)")
