@@ -110,6 +110,10 @@ class PrefixCache:
                 ancestor = ancestor.parent
         return found
 
+    def looked_up(self, prompt_tokens: int) -> None:
+        """Count a request's prompt as queried (once, whatever its lookups before each chunk)."""
+        self.stats.queried_tokens += prompt_tokens
+
     def parent_of(self, ids: list[int], stop: int) -> Block | None:
         """The cached block ending at `stop` on this prompt's path (None at 0 or if not cached)."""
         parent = None

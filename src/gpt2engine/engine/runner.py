@@ -100,7 +100,7 @@ class Runner:
         top = request.options.prompt_logprobs
         begin = start - len(chunk.cached) * self.block
         if self.prefix_cache is not None and begin == 0:  # the request's first chunk: looked up once
-            self.prefix_cache.stats.queried_tokens += len(prompt)
+            self.prefix_cache.looked_up(len(prompt))
         if chunk.cached:
             self.copy_cached(request, chunk.cached, view, begin)
         ids = torch.tensor([prompt[start:stop]], device=device)  # (1, T)
