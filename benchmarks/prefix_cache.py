@@ -95,6 +95,25 @@ def lm_eval(folder: Path, model: str, model_args: str, out: Path) -> tuple[float
                      "loglikelihoods": scores}
 
 
+def agreement(on: dict, off: dict) -> str:
+    """Whether two runs scored the same: identical, or the largest log-likelihood difference."""
+    if on == off:
+        return "identical scores"
+    differences = [abs(a - b) for a, b in zip(numbers(on["loglikelihoods"]), numbers(off["loglikelihoods"]),
+                                              strict=True)]
+    return f"log-likelihoods within {max(differences):.1e}"
+
+
+def numbers(value) -> list[float]:
+    """Every number in lm-eval's logged responses, in order (flags and labels left out)."""
+    if isinstance(value, list):
+        return [n for item in value for n in numbers(item)]
+    text = str(value)
+    if isinstance(value, float) or (isinstance(value, str) and text.lstrip("-").replace(".", "", 1).isdigit()):
+        return [float(text)]
+    return []
+
+
 def served(folder: Path, checkpoint: Path, chunk: int, cache: bool, tag: str) -> tuple[float, dict]:
     port = free_port()
     command = [str(BIN / "gpt2"), "serve", "--model", str(checkpoint), "--port", str(port), "--quiet",
@@ -167,24 +186,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--questions", type=int, default=200)
     parser.add_argument("--prefill-chunk", type=int, default=256)
-    parser.add_argument("--skip-lm-eval", action="store_true", help="only the in-process engine parts (3, 4)")
+    parser.add_argument("--parts", default="served,in-process,engine",
+                        help="which to run: served (1), in-process (2), engine (3 and 4)")
     args = parser.parse_args()
     checkpoint = with_gpt2_vocabulary(gpt2_124m_checkpoint())
     print(f"machine busy {busy():.2f} (1-minute load per core); chunk {args.prefill_chunk}", flush=True)
     with tempfile.TemporaryDirectory() as scratch:
         folder = write_task(Path(scratch), args.questions)
-        if not args.skip_lm_eval:
-            for label, run in (("local-completions against gpt2 serve", served),
-                               ("lm_eval --model gpt2engine (in-process)", in_process)):
+        parts = args.parts.split(",")
+        for part, label, run in (("served", "local-completions against gpt2 serve", served),
+                                 ("in-process", "lm_eval --model gpt2engine (in-process)", in_process)):
+            if part in parts:
                 times, results = {}, {}
                 for cache in (True, False):
                     tag = f"{run.__name__}-{'on' if cache else 'off'}"
                     times[cache], results[cache] = run(folder, checkpoint, args.prefill_chunk, cache, tag)
-                same = results[True] == results[False]
                 print(f"{label}, {args.questions} questions x 4: cache on {times[True]:.1f} s, off "
                       f"{times[False]:.1f} s: {times[False] / times[True]:.2f}x; acc "
-                      f"{results[True]['acc']:.4f}, {'identical' if same else 'DIFFERENT'} scores",
-                      flush=True)
+                      f"{results[True]['acc']:.4f} on, {results[False]['acc']:.4f} off; "
+                      f"{agreement(results[True], results[False])}", flush=True)
+        if "engine" not in parts:
+            return
         code = subprocess.run([sys.executable, "-c", ENGINE_CODE, str(checkpoint), str(args.prefill_chunk)],
                               check=True, capture_output=True, text=True).stdout
         numbers = json.loads(code)

@@ -25,6 +25,7 @@ from gpt2engine.evaluation import (
     read_lambada,
     score_in_engine,
     score_spans,
+    shared_beginnings,
     sliding_windows,
     split_request,
 )
@@ -144,6 +145,13 @@ def test_continuations_of_one_context_share_its_prefill_with_the_same_bits(tiny_
     assert engines[0].prefix_cache.stats.hit_tokens >= 3 * 64  # the context's 4 whole blocks, 3 times
     for ours, forward in zip(cached, score_spans(model, spans), strict=True):
         assert ours.logprob == pytest.approx(forward.logprob, rel=RELATIVE) and ours.greedy == forward.greedy
+
+
+def test_only_requests_that_share_a_whole_chunk_go_through_the_engine():
+    spans = [Span([1, 2, 3, 4, 5, 6], 5), Span([1, 2, 3, 4, 9, 9, 9], 5), Span([1, 2, 3, 4], 3),
+             Span([7, 7, 7, 7, 7], 4), Span([1, 2, 3, 4, *range(20)], 20)]
+    # the third is no longer than a block, the fourth shares nothing, the last would not fit a row
+    assert shared_beginnings(spans, block=4, context=16) == {0, 1}
 
 
 def test_greedy_flag_is_true_for_what_greedy_decoding_produces(tiny_model):

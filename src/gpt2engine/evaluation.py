@@ -2,16 +2,18 @@
 
 Everything here is a sum of log-probabilities, no generation. Sliding windows (perplexity)
 are plain forward passes, batched with right padding, harmless under causal attention.
-Continuations of a context (LAMBADA, multiple choice, lm-evaluation-harness' loglikelihood) go
-through the engine as requests, the scored tokens' logprobs coming back as prompt logprobs, so
-that the requests which begin alike (the same context, the same few-shot examples) share their
-prefill through its prefix cache. Either way, the LM head runs only on the scored positions.
+Continuations of a context (LAMBADA, multiple choice, lm-evaluation-harness' loglikelihood) that
+begin as another does (the same context, the same few-shot examples: a whole prefill chunk in
+common) go through the engine as requests, the scored tokens' logprobs coming back as prompt
+logprobs, so that they share their prefill through its prefix cache; the rest are batched forward
+passes too. Either way, the LM head runs only on the scored positions.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -186,15 +188,25 @@ def loglikelihood(
     scored by an engine of `batch_size` rows (its prefix cache and chunk as given)."""
     context = model.config.n_positions
     spans = [request_span(*split_request(tokenizer, c, x), context) for c, x in requests]
-    # A request's prompt is the whole span, and it generates a token: a span of the whole context
-    # plus its last target does not fit one, and is scored by a forward pass of its own.
-    fits = [i for i, span in enumerate(spans) if len(span.ids) < context]
-    long = [i for i, span in enumerate(spans) if len(span.ids) >= context]
-    engine = Engine(model, tokenizer, max_batch=batch_size, prefill_chunk=prefill_chunk,
-                    prefix_cache_mib=prefix_cache_mib, cuda_graphs=False)
-    scores = dict(zip(fits, score_in_engine(engine, [spans[i] for i in fits], progress), strict=True))
-    scores |= zip(long, score_spans(model, [spans[i] for i in long], batch_size), strict=True)
+    shared = shared_beginnings(spans, prefill_chunk, context) if prefix_cache_mib else set()
+    alone = [i for i in range(len(spans)) if i not in shared]
+    forward = score_spans(model, [spans[i] for i in alone], batch_size, progress)
+    scores = dict(zip(alone, forward, strict=True))
+    if shared:
+        engine = Engine(model, tokenizer, max_batch=batch_size, prefill_chunk=prefill_chunk,
+                        prefix_cache_mib=prefix_cache_mib, cuda_graphs=False)
+        ordered = sorted(shared)
+        scores |= zip(ordered, score_in_engine(engine, [spans[i] for i in ordered], progress), strict=True)
     return [scores[i] for i in range(len(spans))]
+
+
+def shared_beginnings(spans: list[Span], block: int, context: int) -> set[int]:
+    """The spans the prefix cache can serve: their first block (a prefill chunk) is another's
+    too, and they fit an engine row with the token it generates. The rest gain nothing from it
+    and go faster as batched forward passes."""
+    firsts = Counter(tuple(s.ids[:block]) for s in spans if len(s.ids) > block)
+    return {i for i, s in enumerate(spans)
+            if block < len(s.ids) < context and firsts[tuple(s.ids[:block])] > 1}
 
 
 def score_in_engine(engine: Engine, spans: list[Span], progress: bool = False) -> list[SpanScore]:
