@@ -109,7 +109,8 @@ def numbers(value) -> list[float]:
     if isinstance(value, list):
         return [n for item in value for n in numbers(item)]
     text = str(value)
-    if isinstance(value, float) or (isinstance(value, str) and text.lstrip("-").replace(".", "", 1).isdigit()):
+    numeric = text.lstrip("-").replace(".", "", 1).isdigit()
+    if isinstance(value, float) or (isinstance(value, str) and numeric):
         return [float(text)]
     return []
 
