@@ -4,8 +4,8 @@ nanoGPT's `ckpt.pt` (train.py) and llm.c's `gpt2_124M.bin` / `gpt2_124M_bf16.bin
 (hub.tokenizer_folder gives the bundled one).
 
 Both keep their matrices as nn.Linear does, (out, in), where Hugging Face's Conv1D keeps (in, out):
-the tensors are handed on transposed (a view), under Hugging Face's names, so the one weight
-surgery (weights.convert_checkpoint) checks and converts them as it does any checkpoint.
+the tensors are handed on in Hugging Face's layout and under its names, so the one weight surgery
+(weights.convert_checkpoint) checks and converts them as it does any checkpoint.
 """
 
 from __future__ import annotations
@@ -49,8 +49,10 @@ def read_training_checkpoint(path: Path) -> tuple[GPT2Config, Tensors]:
 
 
 def hf_layout(name: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor, None]:
-    """A (out, in) matrix of ours under its Hugging Face key, in Conv1D's (in, out) layout."""
-    return f"transformer.{name}", tensor.t() if name.endswith(LINEAR_LAYOUT) else tensor, None
+    """A (out, in) matrix under its Hugging Face key, in Conv1D's (in, out) layout: written out
+    whole, one matrix at a time, so the weight surgery converts it as it converts any
+    checkpoint's (on the CPU, in one C pass into the weights' block of huge pages)."""
+    return f"transformer.{name}", tensor.t().contiguous() if name.endswith(LINEAR_LAYOUT) else tensor, None
 
 
 # nanoGPT ---------------------------------------------------------------------------------------
