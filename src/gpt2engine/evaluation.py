@@ -184,8 +184,9 @@ def loglikelihood(
     progress: bool = False, prefix_cache_mib: float = DEFAULT_PREFIX_CACHE_MIB,
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
 ) -> list[SpanScore]:
-    """log P(continuation | context) and whether greedy decoding would produce it, per request,
-    scored by an engine of `batch_size` rows (its prefix cache and chunk as given)."""
+    """log P(continuation | context) and whether greedy decoding would produce it, per request:
+    those that share a beginning with another scored by an engine of `batch_size` rows (its prefix
+    cache and chunk as given), the rest by batched forward passes."""
     context = model.config.n_positions
     spans = [request_span(*split_request(tokenizer, c, x), context) for c, x in requests]
     shared = shared_beginnings(spans, prefill_chunk, context) if prefix_cache_mib else set()

@@ -80,7 +80,7 @@ class Engine:
                              if prefix_cache_mib else None)
         self.scheduler = Scheduler(max_batch, max_queue, prefill_chunk, self.prefix_cache)
         self.runner = Runner(model, max_batch, self.max_len, tokenizer.vocab_size, cuda_graphs,
-                             self.prefix_cache, prefill_chunk)
+                             self.prefix_cache)
         self.requests: dict[str, Request] = {}
         self.ended: list[StepOutput] = []  # aborts since the last step, reported by the next
         self.ids = itertools.count()

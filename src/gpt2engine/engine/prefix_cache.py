@@ -157,8 +157,8 @@ class PrefixCache:
             known.last_used = next(self.clock)
             return
         at = slice(index * self.block, (index + 1) * self.block)
-        kv_bytes = 2 * sum(layer.k[0, :, at].nbytes for layer in row)
-        nbytes = (0 if known else kv_bytes) + (logprobs.last_row.nbytes if logprobs else 0)
+        kv_bytes = 0 if known else 2 * sum(layer.k[0, :, at].nbytes for layer in row)
+        nbytes = kv_bytes + (logprobs.last_row.nbytes if logprobs else 0)
         if not self.make_room(nbytes, keep=known or parent):
             return
         if known is None:

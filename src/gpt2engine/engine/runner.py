@@ -16,7 +16,7 @@ import torch
 from gpt2engine.engine.graphs import GraphedDecode
 from gpt2engine.engine.prefix_cache import RECORDED_TOP, Block, BlockLogprobs, PrefixCache
 from gpt2engine.engine.request import Request, TokenLogprob
-from gpt2engine.engine.scheduler import DEFAULT_PREFILL_CHUNK, PrefillChunk
+from gpt2engine.engine.scheduler import PrefillChunk
 from gpt2engine.kernels import rows_argmax, rows_finite
 from gpt2engine.kernels.step import DecodeStep
 from gpt2engine.model import GPT2
@@ -38,11 +38,11 @@ class Sampled:
 class Runner:
     def __init__(
         self, model: GPT2, max_batch: int, max_len: int, vocab_limit: int, cuda_graphs: bool = True,
-        prefix_cache: PrefixCache | None = None, block: int = DEFAULT_PREFILL_CHUNK,
+        prefix_cache: PrefixCache | None = None,
     ) -> None:
-        """`prefix_cache` keeps blocks of `block` tokens, the scheduler's prefill chunk."""
+        """`prefix_cache`'s blocks are the scheduler's prefill chunks."""
         self.model, self.max_len = model, max_len
-        self.prefix_cache, self.block = prefix_cache, block
+        self.prefix_cache = prefix_cache
         self.cache = model.make_cache(max_batch, max_len)
         # Padded vocabularies (a model with more rows than the tokenizer has tokens) never
         # produce an id the tokenizer lacks.
@@ -97,12 +97,14 @@ class Runner:
         request, start, stop = chunk.request, chunk.start, chunk.stop
         device, row, prompt = self.model.device, request.held_row, request.prompt_ids
         view = [layer.rows(row, row + 1) for layer in self.cache]
-        top = request.options.prompt_logprobs
-        begin = start - len(chunk.cached) * self.block
-        if self.prefix_cache is not None and begin == 0:  # the request's first chunk: looked up once
-            self.prefix_cache.looked_up(len(prompt))
-        if chunk.cached:
-            self.copy_cached(request, chunk.cached, view, begin)
+        top, cache = request.options.prompt_logprobs, self.prefix_cache
+        if cache is not None:
+            begin = start - len(chunk.cached) * cache.block
+            if begin == 0:  # the request's first chunk: looked up once
+                cache.looked_up(len(prompt))
+            if chunk.cached:
+                self.copy_cached(request, chunk.cached, view, begin)
+        whole_block = cache is not None and stop - start == cache.block
         ids = torch.tensor([prompt[start:stop]], device=device)  # (1, T)
         positions = torch.arange(start, stop, device=device)[None]  # (1, T)
         hidden = self.model.hidden_states(ids, positions, view, stop)[0]  # (T, C)
@@ -115,25 +117,28 @@ class Runner:
             kept = max(top, RECORDED_TOP)
             entries = token_logprobs(logprobs, targets, kept)
             request.prompt_logprobs += [e.truncated(top) for e in entries]
-            if len(targets) == self.block:  # a whole block with the token after it
+            if whole_block and len(targets) == stop - start:  # a whole block with the token after it
                 record = BlockLogprobs(entries, logprobs[-1].clone(), kept)
-        if self.prefix_cache is not None and stop - start == self.block:
-            self.prefix_cache.insert(prompt, start // self.block, view, record)
+        if whole_block:
+            assert cache is not None
+            cache.insert(prompt, start // cache.block, view, record)
         return self.model.lm_head(hidden[-1]) if stop == len(prompt) else None
 
     def copy_cached(self, request: Request, blocks: tuple[Block, ...], view: list, start: int) -> None:
         """The prefix cache's blocks into the row from `start`, with their prompt logprobs."""
-        assert self.prefix_cache is not None
-        self.prefix_cache.load(list(blocks), view, start)
-        request.cached_tokens += len(blocks) * self.block
+        cache = self.prefix_cache
+        assert cache is not None
+        cache.load(list(blocks), view, start)
+        C = cache.block
+        request.cached_tokens += len(blocks) * C
         top, scored_from = request.options.prompt_logprobs, request.options.prompt_logprobs_from
         if top is not None:
             for j, block in enumerate(blocks):
-                begin = start + j * self.block  # its entries score tokens begin + 1 .. begin + C
-                if begin + self.block < scored_from:
+                begin = start + j * C  # its entries score tokens begin + 1 .. begin + C
+                if begin + C < scored_from:
                     continue
                 assert block.logprobs is not None  # matched only if it has them
-                following = request.prompt_ids[begin + self.block]
+                following = request.prompt_ids[begin + C]
                 entries = block.logprobs.for_next(following, top)
                 request.prompt_logprobs += entries[max(0, scored_from - begin - 1) :]
 

@@ -1,7 +1,7 @@
 """Checkpoints that training code writes, read as a config and Hugging Face-named tensors:
 nanoGPT's `ckpt.pt` (train.py) and llm.c's `gpt2_124M.bin` / `gpt2_124M_bf16.bin`
 (train_gpt2.py's write_model). Neither carries tokenizer files: both are GPT-2's vocabulary
-(hub.tokenizer_folder gives the bundled one).
+(tokenizer.tokenizer_folder gives the bundled one).
 
 Both keep their matrices as nn.Linear does, (out, in), where Hugging Face's Conv1D keeps (in, out):
 the tensors are handed on in Hugging Face's layout and under its names, so the one weight surgery
@@ -32,20 +32,19 @@ LINEAR_LAYOUT = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", 
 
 def is_training_checkpoint(path: Path) -> bool:
     """A file that is nanoGPT's (a zip of a torch.save) or llm.c's (its magic number first)."""
-    if not path.is_file():
-        return False
+    return path.is_file() and (is_llmc(path) or zipfile.is_zipfile(path))
+
+
+def is_llmc(path: Path) -> bool:
+    """llm.c's files begin with its magic number."""
     with open(path, "rb") as handle:
         head = handle.read(4)
-    return zipfile.is_zipfile(path) or (len(head) == 4 and struct.unpack("<i", head)[0] == LLMC_MAGIC)
+    return len(head) == 4 and struct.unpack("<i", head)[0] == LLMC_MAGIC
 
 
 def read_training_checkpoint(path: Path) -> tuple[GPT2Config, Tensors]:
     """The config and the tensors (Hugging Face names and layout) of a nanoGPT or llm.c file."""
-    with open(path, "rb") as handle:
-        head = handle.read(4)
-    if len(head) == 4 and struct.unpack("<i", head)[0] == LLMC_MAGIC:
-        return read_llmc(path)
-    return read_nanogpt(path)
+    return read_llmc(path) if is_llmc(path) else read_nanogpt(path)
 
 
 def hf_layout(name: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor, None]:
