@@ -19,6 +19,8 @@ _EXPORTS = {
     "GPT2EngineError": "gpt2engine.errors",
     "GenerationOptions": "gpt2engine.engine",
     "GenerationResult": "gpt2engine.engine",
+    "Hooks": "gpt2engine.hooks",
+    "Steering": "gpt2engine.hooks",
     "complete": "gpt2engine.generate",
     "stream": "gpt2engine.generate",
     "SamplingParams": "gpt2engine.sampling_params",
@@ -50,6 +52,8 @@ if TYPE_CHECKING:  # the same names, for type checkers and editors
     from gpt2engine.errors import GPT2EngineError as GPT2EngineError
     from gpt2engine.generate import complete as complete
     from gpt2engine.generate import stream as stream
+    from gpt2engine.hooks import Hooks as Hooks
+    from gpt2engine.hooks import Steering as Steering
     from gpt2engine.loading.pretrained import GPT2 as GPT2
     from gpt2engine.model import KVCache as KVCache
     from gpt2engine.sampling_params import SamplingParams as SamplingParams

@@ -20,6 +20,7 @@ from torch import nn
 
 from gpt2engine.config import ACTIVATIONS, GPT2Config
 from gpt2engine.errors import GPT2EngineError
+from gpt2engine.hooks import NO_HOOKS, Hooks, check_hooks, hook_names
 from gpt2engine.kernels import gelu_tanh, linear, prefill_attention
 
 
@@ -124,7 +125,7 @@ class Embedding(nn.Embedding):
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPT2Config, layer_idx: int) -> None:
         super().__init__()
-        self.n_head = config.n_head
+        self.n_head, self.layer = config.n_head, layer_idx
         self.c_attn = Linear(config.n_embd, 3 * config.n_embd)  # fused q, k, v
         self.c_proj = Linear(config.n_embd, config.n_embd)
         scale = config.head_dim**-0.5 if config.scale_attn_weights else 1.0
@@ -134,39 +135,54 @@ class CausalSelfAttention(nn.Module):
 
     def forward(
         self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
-        cache: KVCache | None,
+        cache: KVCache | None, hooks: Hooks = NO_HOOKS,
     ) -> torch.Tensor:
         # x: (B, T, C), positions: (B, T), mask: (B, 1, T, L) or None for plain causal -> (B, T, C)
         B, T, C = x.shape
+        nh, layer = self.n_head, self.layer
         qkv = self.c_attn(x)
-        q, k, v = qkv.split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        q, k, v = (t.view(B, T, nh, C // nh) for t in qkv.split(C, dim=2))  # (B, T, nh, hs) each
+        for t, name in ((q, "attn.hook_q"), (k, "attn.hook_k"), (v, "attn.hook_v")):
+            hooks(t, name, layer)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        pattern = hooks.wants("attn.hook_pattern", layer)  # then the weights are computed explicitly
+        y = None
         if cache is not None:
             assert mask is not None  # hidden_states masks whenever there is a cache
             start = chunk_start(positions)  # a prompt's chunk on the CPU: our causal kernel (kernels/)
             k, v = cache.update(positions, k, v, mask.shape[-1], start)  # (B, nh, L, hs)
-            if start is not None and (y := prefill_attention(qkv, cache.k, cache.v, start, self.n_head,
-                                                              self.scale)) is not None:
-                return self.c_proj(y)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale
-        )  # (B, nh, T, hs)
-        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+            if start is not None and not pattern:
+                y = prefill_attention(qkv, cache.k, cache.v, start, nh, self.scale)  # (B, T, C) or None
+        if y is None:
+            if pattern:
+                scores = (q @ k.transpose(-2, -1)) * self.scale  # (B, nh, T, L)
+                if mask is None:
+                    mask = torch.full((T, T), float("-inf"), device=x.device).triu(1)
+                weights = hooks((scores + mask).softmax(dim=-1), "attn.hook_pattern", layer)
+                y = weights @ v  # (B, nh, T, hs)
+            else:
+                y = F.scaled_dot_product_attention(
+                    q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale
+                )  # (B, nh, T, hs)
+            y = y.transpose(1, 2).reshape(B, T, C)
+        hooks(y.view(B, T, nh, C // nh), "attn.hook_z", layer)
+        return self.c_proj(y)
 
 
 class MLP(nn.Module):
-    def __init__(self, config: GPT2Config) -> None:
+    def __init__(self, config: GPT2Config, layer_idx: int) -> None:
         super().__init__()
+        self.layer = layer_idx
         self.c_fc = Linear(config.n_embd, config.mlp_width)
         self.act = nn.GELU(approximate=ACTIVATIONS[config.activation_function])
         self.c_proj = Linear(config.mlp_width, config.n_embd)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, hooks: Hooks = NO_HOOKS) -> torch.Tensor:
         # x: (B, T, C) -> (B, T, C)
-        h = self.c_fc(x)
+        h = hooks(self.c_fc(x), "mlp.hook_pre", self.layer)  # (B, T, n_inner)
         many = (self.act.approximate == "tanh" and h.numel() >= 2**16 and h.device.type == "cpu"
                 and not h.requires_grad)  # a GPU runs torch's GELU as one kernel
-        return self.c_proj(gelu_tanh(h) if many else self.act(h))
+        return self.c_proj(hooks(gelu_tanh(h) if many else self.act(h), "mlp.hook_post", self.layer))
 
 
 class Block(nn.Module):
@@ -177,15 +193,20 @@ class Block(nn.Module):
         self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.attn = CausalSelfAttention(config, layer_idx)
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
-        self.mlp = MLP(config)
+        self.mlp = MLP(config, layer_idx)
+        self.layer = layer_idx
 
     def forward(
         self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
-        cache: KVCache | None,
+        cache: KVCache | None, hooks: Hooks = NO_HOOKS,
     ) -> torch.Tensor:
-        # x: (B, T, C) -> (B, T, C)
-        x = x + self.attn(self.ln_1(x), positions, mask, cache)
-        return x + self.mlp(self.ln_2(x))
+        # x: (B, T, C) -> (B, T, C); each hook point named as TransformerLens names it (hooks.py)
+        layer = self.layer
+        x = hooks(x, "hook_resid_pre", layer)
+        attn_out = hooks(self.attn(self.ln_1(x), positions, mask, cache, hooks), "hook_attn_out", layer)
+        x = hooks(x + attn_out, "hook_resid_mid", layer)
+        mlp_out = hooks(self.mlp(self.ln_2(x), hooks), "hook_mlp_out", layer)
+        return hooks(x + mlp_out, "hook_resid_post", layer)
 
 
 def embedding_init(num: int, dim: int) -> torch.Tensor:
@@ -250,10 +271,11 @@ class GPT2(nn.Module):
 
     def hidden_states(
         self, idx: torch.Tensor, positions: torch.Tensor | None = None,
-        cache: list[KVCache] | None = None, length: int | None = None,
+        cache: list[KVCache] | None = None, length: int | None = None, hooks: Hooks = NO_HOOKS,
     ) -> torch.Tensor:
         # idx: (B, T) token ids, positions: (B, T) or None for 0..T-1 -> final hidden (B, T, C)
-        # With a cache, attention reads its first `length` slots (default: all of them).
+        # With a cache, attention reads its first `length` slots (default: all of them). `hooks`
+        # records and steers activations at the named points (hooks.py).
         B, T = idx.shape
         if positions is None:
             if self.config.n_positions < T:
@@ -269,15 +291,29 @@ class GPT2(nn.Module):
             # additive, not boolean: torch's CPU attention runs a third faster with it
             mask = torch.zeros(hidden.shape, dtype=self.dtype, device=idx.device).masked_fill_(
                 hidden, float("-inf"))
-        x = self.wte(idx) + self.wpe(positions)  # (B, T, C)
+        x = hooks(self.wte(idx), "hook_embed") + hooks(self.wpe(positions), "hook_pos_embed")
         caches: list[KVCache | None] = list(cache) if cache else [None] * len(self.h)
         for block, layer_cache in zip(self.h, caches, strict=True):
-            x = block(x, positions, mask, layer_cache)
-        return self.ln_f(x)
+            x = block(x, positions, mask, layer_cache, hooks)
+        return hooks(self.ln_f(x), "ln_final.hook_normalized")
 
     def forward(
         self, idx: torch.Tensor, positions: torch.Tensor | None = None,
-        cache: list[KVCache] | None = None, length: int | None = None,
+        cache: list[KVCache] | None = None, length: int | None = None, hooks: Hooks = NO_HOOKS,
     ) -> torch.Tensor:
         # idx: (B, T), positions: (B, T) or None -> logits (B, T, V)
-        return self.lm_head(self.hidden_states(idx, positions, cache, length))
+        return self.lm_head(self.hidden_states(idx, positions, cache, length, hooks))
+
+    @torch.inference_mode()
+    def run_with_cache(
+        self, idx: torch.Tensor, names: list[str] | None = None, hooks: Hooks | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """TransformerLens' `run_with_cache`: the logits and the activations at `names` (default:
+        every hook point), float32 in TransformerLens' shapes (hooks.py). `hooks` instead of `names`
+        also steers (its capture is then what is recorded)."""
+        # idx: (B, T) -> logits (B, T, V) float32, {name: (B, T, ...) float32}
+        if hooks is None:
+            hooks = Hooks(check_hooks(names if names is not None else hook_names(self.config.n_layer),
+                                      self.config.n_layer))
+        logits = self(idx.to(self.device), hooks=hooks).float()
+        return logits, {name: hooks.cache[name].float() for name in hooks.capture}

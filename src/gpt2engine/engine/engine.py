@@ -19,6 +19,7 @@ from gpt2engine.engine.request import FinishReason, GenerationOptions, Request, 
 from gpt2engine.engine.runner import Runner
 from gpt2engine.engine.scheduler import DEFAULT_MAX_QUEUE, DEFAULT_PREFILL_CHUNK, Scheduler
 from gpt2engine.errors import GPT2EngineError
+from gpt2engine.hooks import Steering, check_hook, check_hooks
 from gpt2engine.loading.runtime import check_vocabularies
 from gpt2engine.model import GPT2
 from gpt2engine.tokenizer import Tokenizer
@@ -95,6 +96,9 @@ class Engine:
         if request_id in self.requests:
             raise GPT2EngineError(f"request id {request_id!r} is already in use")
         ids = fit_prompt(prompt_ids(self.model, self.tokenizer, prompt), self.max_len, options)
+        check_hooks(options.capture, self.model.config.n_layer)
+        for steering in options.steer:
+            steering.check(self.model.config.n_layer, self.model.config.n_embd)
         seed = options.sampling.seed if options.sampling.seed is not None else secrets.randbits(64)
         request = Request(request_id, ids, options, seed, TextState(self.tokenizer, options))
         self.scheduler.add(request)
@@ -136,6 +140,17 @@ class Engine:
     def prompt_ids(self, prompt: str | list[int]) -> list[int]:
         """A prompt as token ids, checked against both vocabularies (text is encoded)."""
         return prompt_ids(self.model, self.tokenizer, prompt)
+
+    def steering_from_prompts(self, hook: str, positive: str | list[int], negative: str | list[int],
+                              coefficient: float = 1.0, start: int = 0) -> Steering:
+        """Activation addition's vector from two prompts (ActAdd's "Love" - "Hate"): the difference
+        of their activations at `hook` at each one's last token, as control vectors take it."""
+        check_hook(hook, self.model.config.n_layer, steering=True)
+        ends = []
+        for prompt in (positive, negative):
+            ids = torch.tensor([self.prompt_ids(prompt)[-self.model.config.n_positions:]])
+            ends.append(self.model.run_with_cache(ids, [hook])[1][hook][0, -1])
+        return Steering(hook, (ends[0] - ends[1]).tolist(), coefficient, start)
 
     @property
     def running(self) -> int:
@@ -205,6 +220,7 @@ class Engine:
             before = len(request.output_ids)
             piece = request.text.push(token)
             if request.text.finish_reason is not None:
+                self.runner.capture_last(request)
                 self.finish(request, request.text.finish_reason)
             if len(request.output_ids) == before:  # <|endoftext|>: it ends the output, not in it
                 token, logprob = None, None

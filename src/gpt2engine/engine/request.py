@@ -9,11 +9,15 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from gpt2engine.errors import GPT2EngineError
+from gpt2engine.hooks import Steering
 from gpt2engine.sampling_params import SamplingParams
 from gpt2engine.tokenizer import StreamDecoder, Tokenizer
+
+if TYPE_CHECKING:
+    from gpt2engine.engine.activations import RequestHooks
 
 FinishReason = Literal["stop", "length", "abort", "error"]
 MAX_LOGPROBS = 20
@@ -29,6 +33,8 @@ class GenerationOptions:
     logprobs: int | None = None  # per generated token: its log-probability and the top-N others
     prompt_logprobs: int | None = None  # the same for every prompt token but the first...
     prompt_logprobs_from: int = 1  # ... or for those from this position on (scoring a continuation)
+    capture: tuple[str, ...] = ()  # hook points (hooks.py) whose activations the result carries
+    steer: tuple[Steering, ...] = ()  # vectors added to the residual stream
 
     def __post_init__(self) -> None:
         for name in ("max_new_tokens", "prompt_logprobs_from"):
@@ -46,6 +52,16 @@ class GenerationOptions:
             value = getattr(self, name)
             if value is not None and not (is_integer(value) and 0 <= value <= MAX_LOGPROBS):
                 raise GPT2EngineError(f"{name} must be an integer in [0, {MAX_LOGPROBS}], got {value!r}")
+        if not isinstance(self.capture, tuple) or not all(isinstance(c, str) for c in self.capture):
+            raise GPT2EngineError("capture must be a tuple of hook names")
+        if not isinstance(self.steer, tuple) or not all(isinstance(s, Steering) for s in self.steer):
+            raise GPT2EngineError("steer must be a tuple of Steering")
+
+    @property
+    def hooked(self) -> bool:
+        """Whether the request captures or steers: then it runs through the model's own forward
+        pass, alone in its row, and past the prefix cache (engine/activations.py)."""
+        return bool(self.capture or self.steer)
 
 
 def is_integer(value: object) -> bool:
@@ -59,6 +75,8 @@ class GenerationResult:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: FinishReason  # stop: <|endoftext|> or a stop string
+    # hook name -> float32 tensor over the prompt's and output's positions (GenerationOptions.capture)
+    activations: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -139,6 +157,7 @@ class Request:
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # prompt tokens from..n-1
     arrival: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
+    hooks: RequestHooks | None = None  # set by the runner when the options capture or steer
 
     @property
     def output_ids(self) -> list[int]:
@@ -162,7 +181,8 @@ class Request:
 
     def result(self) -> GenerationResult:
         return GenerationResult("".join(self.text.text), self.text.token_ids, len(self.prompt_ids),
-                                len(self.text.token_ids), self.finish_reason or "length")
+                                len(self.text.token_ids), self.finish_reason or "length",
+                                self.hooks.activations() if self.hooks else {})
 
 
 @dataclass(frozen=True)

@@ -13,10 +13,12 @@ from dataclasses import dataclass
 
 import torch
 
+from gpt2engine.engine.activations import RequestHooks
 from gpt2engine.engine.graphs import GraphedDecode
 from gpt2engine.engine.prefix_cache import RECORDED_TOP, Block, BlockLogprobs, PrefixCache
 from gpt2engine.engine.request import Request, TokenLogprob
 from gpt2engine.engine.scheduler import PrefillChunk
+from gpt2engine.hooks import NO_HOOKS
 from gpt2engine.kernels import rows_argmax, rows_finite
 from gpt2engine.kernels.step import DecodeStep
 from gpt2engine.model import GPT2
@@ -73,6 +75,10 @@ class Runner:
         for token, bias in params.logit_bias.items():
             if token < V:
                 self.bias[row, token] = bias
+        if request.options.hooked:
+            options, model = request.options, self.model
+            request.hooks = RequestHooks(options.capture, options.steer, model.config.n_layer, model.dtype,
+                                         model.device)
 
     @torch.inference_mode()
     def warm_up(self) -> None:
@@ -97,7 +103,7 @@ class Runner:
         request, start, stop = chunk.request, chunk.start, chunk.stop
         device, row, prompt = self.model.device, request.held_row, request.prompt_ids
         view = [layer.rows(row, row + 1) for layer in self.cache]
-        top, cache = request.options.prompt_logprobs, self.prefix_cache
+        top, cache = request.options.prompt_logprobs, None if request.hooks else self.prefix_cache
         if cache is not None:
             begin = start - len(chunk.cached) * cache.block
             if begin == 0:  # the request's first chunk: looked up once
@@ -107,7 +113,10 @@ class Runner:
         whole_block = cache is not None and stop - start == cache.block
         ids = torch.tensor([prompt[start:stop]], device=device)  # (1, T)
         positions = torch.arange(start, stop, device=device)[None]  # (1, T)
-        hidden = self.model.hidden_states(ids, positions, view, stop)[0]  # (T, C)
+        hooks = request.hooks.for_positions(start, stop) if request.hooks else NO_HOOKS
+        hidden = self.model.hidden_states(ids, positions, view, stop, hooks)[0]  # (T, C)
+        if request.hooks:
+            request.hooks.keep(hooks, stop)
         record = None
         first = max(start + 1, request.options.prompt_logprobs_from)  # the first token to score here
         if top is not None and first <= stop:  # the logprob of each next prompt token, and the top-N
@@ -144,6 +153,37 @@ class Runner:
 
     @torch.inference_mode()
     def decode(self, requests: list[Request]) -> torch.Tensor:
+        """Feed each request's last token -> their logits (n, V). Requests whose hooks the fused
+        step cannot tap run one by one through the model's forward pass; the others in one batch,
+        where such a row counts as not decoding, so their bits are those of a batch without it."""
+        fused = self.fused_step is not None
+        alone = [r for r in requests if r.hooks and not (fused and r.hooks.in_step)]
+        if not alone:
+            return self.decode_batch(requests)
+        batch = [r for r in requests if r not in alone]
+        by_request = dict(zip(batch, self.decode_batch(batch) if batch else [], strict=True))
+        by_request |= {r: self.decode_hooked(r, r.output_ids[-1], r.position) for r in alone}
+        return torch.stack([by_request[r] for r in requests])
+
+    def decode_hooked(self, request: Request, token: int, position: int) -> torch.Tensor:
+        """Feed one token of a request that captures or steers, alone in its row -> logits (V,)."""
+        assert request.hooks is not None
+        device, row = self.model.device, request.held_row
+        view = [layer.rows(row, row + 1) for layer in self.cache]
+        hooks = request.hooks.for_positions(position, position + 1)
+        logits = self.model(torch.tensor([[token]], device=device), torch.tensor([[position]], device=device),
+                            view, position + 1, hooks)
+        request.hooks.keep(hooks, position + 1)
+        return logits[0, -1]
+
+    @torch.inference_mode()
+    def capture_last(self, request: Request) -> None:
+        """A finishing request's last output token, which no step feeds, through the model for its
+        activations, so they cover every token of the prompt and the output."""
+        if request.hooks and request.hooks.capture and request.hooks.covered == request.position:
+            self.decode_hooked(request, request.output_ids[-1], request.position)
+
+    def decode_batch(self, requests: list[Request]) -> torch.Tensor:
         """Feed each request's last token (rows 0..hi-1 in one batch) -> their logits (n, V)."""
         hi = max(r.held_row for r in requests) + 1
         tokens = [0] * hi
@@ -152,7 +192,11 @@ class Runner:
             tokens[r.held_row], positions[r.held_row] = r.output_ids[-1], r.position
         length = max(r.position for r in requests) + 1
         if self.fused_step is not None:  # the whole step in one call of our kernels
-            logits = self.fused_step(tokens, positions)  # (hi, V)
+            steer, capture = self.step_taps(requests, hi)
+            logits = self.fused_step(tokens, positions, steer, capture)  # (hi, V)
+            for r in requests:
+                if r.hooks:
+                    r.hooks.keep_step(capture, r.held_row, r.position)
         elif self.graphed is not None:  # the whole step in one graph replay
             logits = self.graphed(tokens, positions, length)
         else:
@@ -162,6 +206,21 @@ class Runner:
                                 torch.tensor(positions, device=device)[:, None], view, length)[:, -1]
         rows = [r.row for r in requests]
         return logits if rows == list(range(hi)) else logits[rows]  # (n, V); most often all rows
+
+    def step_taps(self, requests: list[Request], hi: int) -> tuple[dict[int, torch.Tensor],
+                                                                    dict[int, torch.Tensor]]:
+        """The fused step's taps for rows 0..hi-1: tap -> the (hi, C) added there (zero in rows that
+        do not steer it), tap -> the (hi, C) it is captured into."""
+        steer: dict[int, torch.Tensor] = {}
+        capture: dict[int, torch.Tensor] = {}
+        C = self.model.config.n_embd
+        for r in requests:
+            if r.hooks:
+                for index, add in r.hooks.step_steering(r.position).items():
+                    steer.setdefault(index, torch.zeros(hi, C))[r.held_row] = add
+                for name in r.hooks.capture:
+                    capture.setdefault(r.hooks.tap(name), torch.empty(hi, C))
+        return steer, capture
 
     def known_tokens(self, logits: torch.Tensor) -> torch.Tensor:
         # (n, V) -> (n, V) float32, -inf past the tokens the tokenizer knows

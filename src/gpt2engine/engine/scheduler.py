@@ -91,9 +91,9 @@ class Scheduler:
         return Schedule(admitted, prefill, sorted(decode, key=lambda r: r.held_row))
 
     def cached_blocks(self, request: Request) -> list[Block]:
-        if self.prefix_cache is None:
-            return []
         options = request.options
+        if self.prefix_cache is None or options.hooked:
+            return []
         return self.prefix_cache.match(request.prompt_ids, request.prefilled, options.prompt_logprobs,
                                        options.prompt_logprobs_from)
 

@@ -7,12 +7,18 @@
  * between the stages. The residual adds and the GELU are the epilogues of the products before
  * them. The arithmetic is model.py's, row by row, so a row gives the same bits alone or in any
  * batch.
+ *
+ * Hook points of the residual stream (hooks.py) are tapped here too, so a request that captures or
+ * steers them keeps the fused step: tap k of layer l is 3l + k (k: 0 hook_resid_pre, 1 hook_resid_mid,
+ * 2 hook_resid_post), tap 3 n_layer is ln_final.hook_normalized. `steer[t]`, where not NULL, is added
+ * to rows (B, C) at tap t; then `capture[t]`, where not NULL, receives them (B, C).
  */
 #include <math.h>
 #include <omp.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "kernels.h"
 
@@ -71,9 +77,18 @@ static void embed(const Model *m, int64_t token, int64_t position, float *x) {
     }
 }
 
+/* Row b of tap t: steered, then captured (steer and capture may be NULL: no taps at all). */
+static void tap(const float *const *steer, float *const *capture, int t, float *x, int b, int C) {
+    if (steer && steer[t]) {
+        const float *add = steer[t] + (size_t)b * C;
+        for (int i = 0; i < C; i++) x[i] += add[i];
+    }
+    if (capture && capture[t]) memcpy(capture[t] + (size_t)b * C, x, sizeof(float) * C);
+}
+
 /* tokens, positions: (B,) -> logits: (B, V); each row's key and value written into its cache slot. */
 void gpt2engine_decode_step(const Model *m, const int64_t *tokens, const int64_t *positions, int B,
-                            float *logits, int threads) {
+                            float *logits, int threads, const float *const *steer, float *const *capture) {
     int C = m->n_embd, H = m->n_head, D = C / H, widest = m->n_inner > C ? m->n_inner : C;
     float *x = malloc(sizeof(float) * B * C), *h = malloc(sizeof(float) * B * C);
     float *qkv = malloc(sizeof(float) * B * 3 * C), *att = malloc(sizeof(float) * B * C);
@@ -87,8 +102,11 @@ void gpt2engine_decode_step(const Model *m, const int64_t *tokens, const int64_t
             for (int l = 0; l < m->n_layer; l++) {
                 const Layer *L = &m->layers[l];
                 #pragma omp for
-                for (int b = 0; b < B; b++)
+                for (int b = 0; b < B; b++) {
+                    if (l > 0) tap(steer, capture, 3 * l - 1, x + (size_t)b * C, b, C);
+                    tap(steer, capture, 3 * l, x + (size_t)b * C, b, C);
                     layer_norm(x + (size_t)b * C, L->ln_1_weight, L->ln_1_bias, h + (size_t)b * C, C, m->eps);
+                }
                 gpt2engine_linear_part(&L->attn, h, qkv, B, STORE, &room);
                 #pragma omp barrier
                 #pragma omp for collapse(2) schedule(static)
@@ -99,16 +117,22 @@ void gpt2engine_decode_step(const Model *m, const int64_t *tokens, const int64_t
                 gpt2engine_linear_part(&L->attn_proj, att, x, B, ADD, &room);
                 #pragma omp barrier
                 #pragma omp for
-                for (int b = 0; b < B; b++)
+                for (int b = 0; b < B; b++) {
+                    tap(steer, capture, 3 * l + 1, x + (size_t)b * C, b, C);
                     layer_norm(x + (size_t)b * C, L->ln_2_weight, L->ln_2_bias, h + (size_t)b * C, C, m->eps);
+                }
                 gpt2engine_linear_part(&L->fc, h, hidden, B, m->activation, &room);
                 #pragma omp barrier
                 gpt2engine_linear_part(&L->mlp_proj, hidden, x, B, ADD, &room);
                 #pragma omp barrier
             }
             #pragma omp for
-            for (int b = 0; b < B; b++)
+            for (int b = 0; b < B; b++) {
+                int last = 3 * m->n_layer;
+                tap(steer, capture, last - 1, x + (size_t)b * C, b, C);
                 layer_norm(x + (size_t)b * C, m->ln_f_weight, m->ln_f_bias, h + (size_t)b * C, C, m->eps);
+                tap(NULL, capture, last, h + (size_t)b * C, b, C);
+            }
             gpt2engine_linear_part(&m->head, h, logits, B, STORE, &room);
         }
     } else {  /* a few KB: not expected; report NaN rather than crash */

@@ -12,10 +12,20 @@ from ctypes import POINTER, c_float, c_int, c_void_p
 
 import torch
 
+from gpt2engine.hooks import RESIDUAL_HOOKS, split_name
 from gpt2engine.kernels import FORMAT_CODES, MAX_ATTENTION_SLOTS, CFunction, compiled
 from gpt2engine.model import GPT2, Embedding, KVCache, Linear
 
 ACTIVATION_CODES = {"tanh": 2, "none": 3}  # kernels.h: GELU_TANH, GELU_ERF
+
+
+def tap_index(name: str, n_layer: int) -> int | None:
+    """step.c's tap for a hook point: 3 layer + (0 resid_pre, 1 resid_mid, 2 resid_post), 3 n_layer
+    for ln_final.hook_normalized; None for the points only the model's forward pass has."""
+    if name == "ln_final.hook_normalized":
+        return 3 * n_layer
+    layer, short = split_name(name)
+    return None if layer is None or short not in RESIDUAL_HOOKS else 3 * layer + RESIDUAL_HOOKS.index(short)
 
 
 class Weight(ctypes.Structure):
@@ -77,6 +87,7 @@ class DecodeStep:
                             weight(model.wte), address(model.wpe.weight), self.layers,
                             address(model.ln_f.weight), address(model.ln_f.bias), weight(model.lm_head))
         self.vocab_size, self.rows, self.max_len = c.vocab_size, cache[0].k.shape[0], cache[0].k.shape[2]
+        self.n_layer, self.n_embd = c.n_layer, c.n_embd
 
     @classmethod
     def build(cls, model: GPT2, cache: list[KVCache]) -> DecodeStep | None:
@@ -87,8 +98,10 @@ class DecodeStep:
             return None
         return cls(model, cache, kernels.decode_step)
 
-    def __call__(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
+    def __call__(self, tokens: list[int], positions: list[int], steer: dict[int, torch.Tensor] | None = None,
+                 capture: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
         # tokens, positions: B each (row b of the cache) -> logits (B, V)
+        # steer: tap -> (B, C) added there; capture: tap -> (B, C) written there (tap_index)
         B = len(tokens)
         if not (0 < B == len(positions) <= self.rows and 0 <= min(tokens) <= max(tokens) < self.vocab_size
                 and 0 <= min(positions) <= max(positions) < self.max_len):
@@ -96,5 +109,16 @@ class DecodeStep:
         ids, where = torch.tensor(tokens), torch.tensor(positions)
         logits = torch.empty(B, self.vocab_size)
         self.kernel(ctypes.byref(self.struct), ids.data_ptr(), where.data_ptr(), B, logits.data_ptr(),
-                    torch.get_num_threads())
+                    torch.get_num_threads(), self.taps(steer, B), self.taps(capture, B))
         return logits
+
+    def taps(self, tensors: dict[int, torch.Tensor] | None, B: int) -> ctypes.Array | None:
+        """step.c's table of tap pointers (NULL where a tap is unused), or None for no taps."""
+        if not tensors:
+            return None
+        table = (c_void_p * (3 * self.n_layer + 1))()
+        for index, t in tensors.items():
+            if t.shape != (B, self.n_embd) or t.dtype != torch.float32 or not t.is_contiguous():
+                raise ValueError("decode step: a tap must be a contiguous float32 (B, C) tensor")
+            table[index] = t.data_ptr()
+        return table
