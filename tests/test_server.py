@@ -1,6 +1,7 @@
 """`gpt2 serve` as clients use it: a real server on loopback, started and stopped here, driven by
 the official openai client, lm-evaluation-harness, raw HTTP and signals. Every wait is bounded."""
 
+import base64
 import contextlib
 import json
 import signal
@@ -10,11 +11,14 @@ import threading
 import time
 
 import httpx
+import numpy as np
 import openai
 import pytest
+import torch
 from test_lm_eval_adapter import LM_EVAL_COMMAND, harness
 
 from conftest import GPT2_COMMAND
+from gpt2engine import Steering
 from gpt2engine.evaluation import Span, score_spans
 from gpt2engine.generate import GenerationOptions, complete
 from gpt2engine.sampling_params import SamplingParams
@@ -159,6 +163,49 @@ def test_logprobs_and_echo_equal_the_library_loglikelihoods(client, tiny_model):
     assert len(logprobs.tokens) == len(ids) + 2  # the prompt, then the two generated tokens
 
 
+def decoded(activation: dict) -> torch.Tensor:
+    assert activation["dtype"] == "float32"
+    values = np.frombuffer(base64.b64decode(activation["data"]), dtype="<f4")
+    return torch.from_numpy(values.copy()).view(activation["shape"])
+
+
+@pytest.mark.parametrize("echo", [False, True])
+@pytest.mark.parametrize("stream", [False, True])
+def test_captured_activations_are_the_librarys(server, tiny_model, echo, stream):
+    prompt, names = "Our revels now are ended", ["blocks.1.hook_resid_post", "blocks.0.attn.hook_pattern"]
+    body = {"prompt": prompt, "max_tokens": 5, "temperature": 0, "capture": names, "echo": echo,
+            "stream": stream, "ignore_eos": True}
+    response = server.post("/v1/completions", body)
+    assert response.status_code == 200, response.text
+    if stream:
+        chunks = [json.loads(line[6:]) for line in response.text.splitlines()
+                  if line.startswith("data: {")]
+        assert [("activations" in c["choices"][0]) for c in chunks] == [False] * (len(chunks) - 1) + [True]
+        choice = chunks[-1]["choices"][0]
+    else:
+        choice = response.json()["choices"][0]
+    expected = library(tiny_model, prompt, max_tokens=5, capture=tuple(names), ignore_eos=True).activations
+    skip = 0 if echo else len(tiny_model[1].encode(prompt))
+    resid = decoded(choice["activations"][names[0]])
+    assert torch.equal(resid, expected[names[0]][skip:])
+    assert torch.equal(decoded(choice["activations"][names[1]]), expected[names[1]][:, skip:])
+    assert "activations" not in server.post("/v1/completions", {"prompt": prompt, "max_tokens": 2}).json()[
+        "choices"][0]
+
+
+def test_steering_through_the_server_is_the_librarys(server, tiny_model):
+    vector = torch.randn(32, generator=torch.Generator().manual_seed(4)).tolist()
+    steer = [{"hook": "blocks.1.hook_resid_pre", "vector": vector, "coefficient": 3.0},
+             {"hook": "blocks.0.hook_resid_mid", "from_prompts": ["Love", "Hate"], "coefficient": 2.0}]
+    body = {"prompt": "Be not afeard", "max_tokens": 10, "temperature": 0, "ignore_eos": True}
+    steered = server.post("/v1/completions", body | {"steer": steer}).json()["choices"][0]["text"]
+    expected = library(tiny_model, "Be not afeard", max_tokens=10, ignore_eos=True, steer=(
+        Steering("blocks.1.hook_resid_pre", vector, 3.0),
+        Steering("blocks.0.hook_resid_mid", coefficient=2.0, from_prompts=("Love", "Hate"))))
+    assert steered == expected.text
+    assert steered != server.post("/v1/completions", body).json()["choices"][0]["text"]
+
+
 def test_echoed_logprobs_come_from_the_prefix_cache_the_same(tiny_checkpoint):
     """lm-eval's request shape: echo + logprobs, the same context before different answers."""
     context = "Full fathom five thy father lies; of his bones are coral made; " * 3
@@ -236,6 +283,19 @@ BAD_REQUESTS = [
     ({"prompt": "hi", "max_tokens": 500}, 400, "max_tokens"),
     ({}, 400, "prompt"),
     ({"prompt": "hi", "model": "gpt-4"}, 404, "model"),
+    ({"prompt": "hi", "capture": ["blocks.9.hook_resid_pre"]}, 400, "capture"),
+    ({"prompt": "hi", "capture": "hook_embed"}, 400, "capture"),
+    ({"prompt": ["hi"] * 16, "n": 16, "capture": ["blocks.0.attn.hook_pattern"] * 1
+      + [f"blocks.{i % 2}.mlp.hook_{p}" for i in range(2) for p in ("pre", "post")], "max_tokens": 100},
+     400, "capture"),
+    ({"prompt": "hi", "steer": [{"hook": "blocks.0.hook_resid_pre", "vector": [1.0]}]}, 400, "steer"),
+    ({"prompt": "hi", "steer": [{"hook": "blocks.0.attn.hook_q", "vector": [1.0] * 32}]}, 400, "steer"),
+    ({"prompt": "hi", "steer": [{"hook": "blocks.0.hook_resid_pre", "vector": [float("nan")] * 32}]},
+     400, "steer"),
+    ({"prompt": "hi", "steer": [{"hook": "blocks.0.hook_resid_pre", "vector": [1.0] * 32,
+                                 "coefficient": float("inf")}]}, 400, "steer"),
+    ({"prompt": "hi", "steer": [{"hook": "blocks.0.hook_resid_pre"}]}, 400, "steer"),
+    ({"prompt": "hi", "steer": [{"hook": "blocks.0.hook_resid_pre", "from_prompts": ["a"]}]}, 400, "steer"),
 ]
 
 
@@ -507,6 +567,13 @@ def test_chat_template_switches_and_errors(chat_servers, server, tiny_model, tin
     prefix = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in CONVERSATION)
     expected = library(tiny_model, prefix + "<|im_start|>assistant\nBuy a", max_tokens=4, ignore_eos=True)
     assert went_on["choices"][0]["message"]["content"] == expected.text
+    vector = torch.randn(32, generator=torch.Generator().manual_seed(4)).tolist()
+    steered = chatml.post("/v1/chat/completions", {**body, "steer": [
+        {"hook": "blocks.1.hook_resid_pre", "vector": vector, "coefficient": 3.0}]}).json()
+    expected = library(tiny_model, prefix + "<|im_start|>assistant\nBuy a", max_tokens=4, ignore_eos=True,
+                       steer=(Steering("blocks.1.hook_resid_pre", vector, 3.0),))
+    content = steered["choices"][0]["message"]["content"]
+    assert content == expected.text != went_on["choices"][0]["message"]["content"]
     both = chatml.post("/v1/chat/completions", {**body, "add_generation_prompt": True})
     assert both.status_code == 400 and "cannot both be true" in both.json()["error"]["message"]
     none = server.post("/v1/chat/completions", {"messages": CONVERSATION})  # a checkpoint without one

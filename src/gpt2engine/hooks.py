@@ -98,28 +98,37 @@ def capture_bytes(names: Iterable[str], config: GPT2Config, positions: int) -> i
 @dataclass(frozen=True)
 class Steering:
     """Add `coefficient * vector` to the residual stream at `hook`, at every position from `start`
-    (activation addition, Turner et al. 2023; llama.cpp's control vectors)."""
+    (activation addition, Turner et al. 2023; llama.cpp's control vectors). Instead of a vector, two
+    prompts: the engine takes the difference of their activations at `hook` at their last tokens
+    (ActAdd's "Love" - "Hate"; Engine.steering_from_prompts)."""
 
     hook: str
-    vector: Sequence[float] | torch.Tensor  # (C,)
+    vector: Sequence[float] | torch.Tensor | None = None  # (C,)
     coefficient: float = 1.0
     start: int = 0
+    from_prompts: tuple[str, str] | None = None
 
     def __post_init__(self) -> None:
+        if (self.vector is None) == (self.from_prompts is None):
+            raise GPT2EngineError("a steering takes a vector or from_prompts (two prompts), not both")
+        if self.from_prompts is not None and not (
+                isinstance(self.from_prompts, tuple) and len(self.from_prompts) == 2
+                and all(isinstance(p, str) and p for p in self.from_prompts)):
+            raise GPT2EngineError("steering from_prompts is two non-empty prompts")
         if not isinstance(self.coefficient, int | float) or isinstance(self.coefficient, bool) \
                 or not math.isfinite(self.coefficient):
             raise GPT2EngineError(f"steering coefficient must be a finite number, got {self.coefficient!r}")
         if not isinstance(self.start, int) or isinstance(self.start, bool) or self.start < 0:
             raise GPT2EngineError(f"steering start must be an integer >= 0, got {self.start!r}")
-        values = self.vector.tolist() if hasattr(self.vector, "tolist") else self.vector
-        if not isinstance(values, Sequence) or isinstance(values, str) or not all(
-                isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+        values = self.vector.tolist() if hasattr(self.vector, "tolist") else self.vector  # type: ignore[union-attr]
+        if values is not None and (not isinstance(values, Sequence) or isinstance(values, str) or not all(
+                isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in values)):
             raise GPT2EngineError("a steering vector is a list of finite numbers")
 
     def check(self, n_layer: int, n_embd: int) -> None:
         """The hook is a residual one of this model and the vector has its width."""
         check_hook(self.hook, n_layer, steering=True)
-        if len(self.vector) != n_embd:
+        if self.vector is not None and len(self.vector) != n_embd:
             raise GPT2EngineError(f"steering vector for {self.hook!r} has {len(self.vector)} values; "
                                   f"the model's residual stream has {n_embd}")
 

@@ -11,6 +11,7 @@ from gpt2engine.cli.flags import (
     api_key,
     bounded_int,
     engine_options,
+    non_negative_float,
     positive_int,
     seconds,
 )
@@ -20,6 +21,7 @@ from gpt2engine.errors import GPT2EngineError
 from gpt2engine.server.settings import (
     DEFAULT_MAX_BATCH,
     DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_CAPTURE_MIB,
     DEFAULT_SHUTDOWN_TIMEOUT,
     Scaling,
     Settings,
@@ -53,6 +55,10 @@ def add_serve_command(commands: argparse._SubParsersAction) -> None:
                        help="on SIGTERM, seconds for requests in flight to finish (default: %(default)s)")
     serve.add_argument("--max-body-bytes", type=positive_int, default=DEFAULT_MAX_BODY_BYTES, metavar="B",
                        help="largest request body in bytes; larger gets 413 (default: %(default)s)")
+    serve.add_argument("--max-capture-mib", type=non_negative_float, default=DEFAULT_MAX_CAPTURE_MIB,
+                       metavar="MIB",
+                       help="most float32 activations one completion may capture (its `capture` field); "
+                            "more gets 400 before any work (default: %(default)s)")
     ray = serve.add_argument_group("Ray Serve (pip install 'gpt2engine[ray]')")
     ray.add_argument("--ray", action="store_true",
                      help="serve replicas of the engine on Ray Serve behind one endpoint (--host, --port)")
@@ -93,7 +99,8 @@ def run_serve(args: argparse.Namespace) -> int:
                       **engine_options(args))
 
     settings = Settings(model_name=args.served_model_name or args.model, api_key=args.api_key,
-                        max_body_bytes=args.max_body_bytes, chat_template=args.chat_template)
+                        max_body_bytes=args.max_body_bytes, chat_template=args.chat_template,
+                        max_capture_bytes=int(args.max_capture_mib * 2**20))
     if args.ray:
         return run_serve_on_ray(args, settings)
     return serve(build_engine, settings, args.host, args.port, args.shutdown_timeout,

@@ -13,6 +13,7 @@ import sys
 import threading
 from dataclasses import dataclass
 
+from gpt2engine.config import GPT2Config
 from gpt2engine.engine.engine import Engine
 from gpt2engine.engine.prefix_cache import PrefixCacheStats
 from gpt2engine.engine.request import GenerationOptions, Request, StepOutput
@@ -78,6 +79,10 @@ class AsyncEngine:
     @property
     def tokenizer(self) -> Tokenizer:
         return self.engine.tokenizer
+
+    @property
+    def config(self) -> GPT2Config:
+        return self.engine.model.config
 
     @property
     def prefix_cache_stats(self) -> PrefixCacheStats | None:

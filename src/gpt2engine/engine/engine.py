@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import secrets
 import time
+from dataclasses import replace
 
 import torch
 
@@ -99,6 +100,10 @@ class Engine:
         check_hooks(options.capture, self.model.config.n_layer)
         for steering in options.steer:
             steering.check(self.model.config.n_layer, self.model.config.n_embd)
+        if any(s.from_prompts for s in options.steer):  # their vectors, computed once, now
+            options = replace(options, steer=tuple(
+                self.steering_from_prompts(s.hook, *s.from_prompts, s.coefficient, s.start) if s.from_prompts
+                else s for s in options.steer))
         seed = options.sampling.seed if options.sampling.seed is not None else secrets.randbits(64)
         request = Request(request_id, ids, options, seed, TextState(self.tokenizer, options))
         self.scheduler.add(request)

@@ -28,6 +28,7 @@ from gpt2engine.chat import NO_TEMPLATE, ChatTemplate
 from gpt2engine.engine import Engine, QueueFull, StepOutput
 from gpt2engine.engine.async_engine import AsyncEngine
 from gpt2engine.errors import GPT2EngineError
+from gpt2engine.hooks import capture_bytes
 from gpt2engine.server.metrics import Metrics
 from gpt2engine.server.protocol import (
     APIError,
@@ -41,6 +42,8 @@ from gpt2engine.server.protocol import (
     chat_delta,
     check,
     completion,
+    hooks_of,
+    max_tokens_of,
     options_for,
     prompts_of,
     usage,
@@ -297,13 +300,20 @@ async def start_completion(state: State, body: CompletionRequest, kind: str = "c
     completion_id, outputs = f"{kind}-{uuid.uuid4().hex}", asyncio.Queue[StepOutput]()
     check(body)
     prompts = prompts_of(body)
+    hooks = hooks_of(body, engine.config)
     work = []
     for p, prompt in enumerate(prompts):
         try:
             ids = engine.prompt_ids(prompt)
         except GPT2EngineError as error:
             raise APIError(400, str(error), "prompt") from None
-        work += [(p * body.n + c, ids, options_for(body, len(ids), context, c)) for c in range(body.n)]
+        work += [(p * body.n + c, ids, options_for(body, len(ids), context, c, hooks)) for c in range(body.n)]
+    capture = sum(capture_bytes(hooks[0], engine.config, len(ids) + max_tokens_of(body, len(ids), context))
+                  for _, ids, _ in work)
+    if capture > state.settings.max_capture_bytes:
+        raise APIError(400, f"capture: the activations asked for take {capture / 2**20:.1f} MiB, over the "
+                            f"server's limit of {state.settings.max_capture_bytes / 2**20:g} MiB; capture "
+                            f"fewer hooks, positions or choices", "capture")
     requests = []
     state.inflight += 1
     try:
@@ -321,7 +331,7 @@ async def start_completion(state: State, body: CompletionRequest, kind: str = "c
             for request in requests:
                 engine.abort(request.request_id)
     metrics.prompt_tokens.inc(sum(len(r.prompt_ids) for r in requests[:: body.n]))
-    choices = [Choice(i, tokenizer, body.logprobs is not None) for i, _, _ in work]
+    choices = [Choice(i, tokenizer, body.logprobs is not None, covers_prompt=body.echo) for i, _, _ in work]
     return Run(completion_id, state.settings.model_name, requests, choices, outputs,
                time.monotonic(), body.echo, body.n)
 

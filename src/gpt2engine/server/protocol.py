@@ -3,14 +3,17 @@ and streamed chunks out. Modelled on vLLM's OpenAI server; nothing here touches 
 
 from __future__ import annotations
 
+import base64
 import time
 from dataclasses import dataclass, field
 from typing import Any, cast
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from gpt2engine.config import GPT2Config
 from gpt2engine.engine import GenerationOptions, Request, StepOutput, TokenLogprob
 from gpt2engine.errors import GPT2EngineError
+from gpt2engine.hooks import Steering, check_hooks, split_name
 from gpt2engine.sampling_params import MAX_SEED, ROW_PARAMS, SamplingParams
 from gpt2engine.tokenizer import Tokenizer
 
@@ -43,6 +46,24 @@ class StreamOptions(Strict):
     include_usage: bool = False
 
 
+class SteerField(Strict):
+    """gpt2engine's extension: add `coefficient * vector` to a residual hook (hooks.Steering)."""
+
+    hook: str = Field(description="a residual hook point, e.g. blocks.6.hook_resid_pre")
+    vector: list[float] | None = Field(None, description="d_model numbers")
+    from_prompts: list[str] | None = Field(
+        None, description="instead of vector, two prompts: the difference of their activations at "
+                          "the hook, at their last tokens")
+    coefficient: float = 1.0
+    start: int = Field(0, description="the first position steered (0: every position)")
+
+    def steering(self) -> Steering:
+        prompts = None if self.from_prompts is None else tuple(self.from_prompts)
+        if prompts is not None and len(prompts) != 2:
+            raise GPT2EngineError("steer: from_prompts is two prompts")
+        return Steering(self.hook, self.vector, self.coefficient, self.start, prompts)
+
+
 class GenerationFields(Strict):
     """What /v1/completions and /v1/chat/completions both take: the model, the sampling, the choices,
     the stream. One field per sampling_params.ROW_PARAMS, with OpenAI's defaults
@@ -65,6 +86,8 @@ class GenerationFields(Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    steer: list[SteerField] | None = Field(
+        None, description="gpt2engine extension: vectors added to the residual stream (activation addition)")
 
 
 class CompletionRequest(GenerationFields):
@@ -75,6 +98,9 @@ class CompletionRequest(GenerationFields):
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
+    capture: list[str] | None = Field(
+        None, description="gpt2engine extension: hook points whose activations each choice carries "
+                          "(TransformerLens' names, e.g. blocks.6.hook_resid_pre)")
 
 
 class ChatMessage(Strict):
@@ -150,11 +176,32 @@ def check(body: CompletionRequest) -> None:
         raise APIError(400, f"stop: at most {MAX_STOP} non-empty strings", "stop")
 
 
-def options_for(body: CompletionRequest, prompt_tokens: int, context: int, choice: int) -> GenerationOptions:
-    """Engine options for one choice of one prompt (after `check`); whether the prompt and
-    `max_tokens` fit the context is the engine's to say, when the request is added."""
+def max_tokens_of(body: CompletionRequest, prompt_tokens: int, context: int) -> int:
+    return max(context - prompt_tokens, 1) if body.max_tokens is None else body.max_tokens
+
+
+def hooks_of(body: CompletionRequest, config: GPT2Config) -> tuple[tuple[str, ...], tuple[Steering, ...]]:
+    """The request's capture and steering, checked against the model; a 400 naming the field."""
+    try:
+        capture = check_hooks(body.capture or (), config.n_layer)
+    except GPT2EngineError as error:
+        raise APIError(400, f"capture: {error}", "capture") from None
+    try:
+        steer = tuple(field.steering() for field in body.steer or ())
+        for steering in steer:
+            steering.check(config.n_layer, config.n_embd)
+    except GPT2EngineError as error:
+        raise APIError(400, f"steer: {error}", "steer") from None
+    return capture, steer
+
+
+def options_for(body: CompletionRequest, prompt_tokens: int, context: int, choice: int,
+                hooks: tuple[tuple[str, ...], tuple[Steering, ...]] = ((), ())) -> GenerationOptions:
+    """Engine options for one choice of one prompt (after `check`), with `hooks_of`'s capture and
+    steering; whether the prompt and `max_tokens` fit the context is the engine's to say, when the
+    request is added."""
     stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
-    max_tokens = max(context - prompt_tokens, 1) if body.max_tokens is None else body.max_tokens
+    max_tokens = max_tokens_of(body, prompt_tokens, context)
     try:
         bias = {int(token): value for token, value in (body.logit_bias or {}).items()}
     except ValueError:
@@ -164,7 +211,8 @@ def options_for(body: CompletionRequest, prompt_tokens: int, context: int, choic
         sampling = SamplingParams(**row_values, logit_bias=bias, seed=choice_seed(body.seed, choice))
         return GenerationOptions(max_new_tokens=max_tokens, sampling=sampling, stop=tuple(stop),
                                  ignore_eos=body.ignore_eos, logprobs=body.logprobs,
-                                 prompt_logprobs=body.logprobs if body.echo else None)
+                                 prompt_logprobs=body.logprobs if body.echo else None,
+                                 capture=hooks[0], steer=hooks[1])
     except GPT2EngineError as error:
         message = str(error)
         field = message.split(" ")[0].rstrip(":")
@@ -185,6 +233,8 @@ class Choice:
     top_logprobs: list[dict[str, float] | None] = field(default_factory=list)
     text_offset: list[int] = field(default_factory=list)
     offset: int = 0  # characters of this choice's text so far, for text_offset
+    covers_prompt: bool = False  # echo: the choice starts with the prompt (and its activations cover it)
+    activations: dict[str, Any] | None = None  # with `capture`, once the request has finished
 
     def add(self, text: str, token_ids: list[int], logprobs: list[TokenLogprob | None]) -> dict[str, Any]:
         """Append text and its tokens' logprobs -> the chunk choice for just this part."""
@@ -206,8 +256,11 @@ class Choice:
         if self.want_logprobs:
             logprobs = {"tokens": self.tokens[start:], "token_logprobs": self.token_logprobs[start:],
                         "top_logprobs": self.top_logprobs[start:], "text_offset": self.text_offset[start:]}
-        return {"index": self.index, "text": self.text if text is None else text,
-                "logprobs": logprobs, "finish_reason": self.finish_reason}
+        shaped = {"index": self.index, "text": self.text if text is None else text,
+                  "logprobs": logprobs, "finish_reason": self.finish_reason}
+        if self.activations is not None and (text is None or self.finish_reason):  # the last chunk's
+            shaped["activations"] = self.activations
+        return shaped
 
     def echo(self, request: Request) -> dict[str, Any]:
         """The prompt, as the start of the choice, with its logprobs (the first one null)."""
@@ -220,8 +273,24 @@ class Choice:
         """A step's output -> the chunk choice for it."""
         if output.finished:
             self.finish_reason = output.request.finish_reason
+            hooks = output.request.hooks
+            if hooks and hooks.capture and self.finish_reason in ("stop", "length"):
+                self.activations = activations_json(hooks.activations(), 0 if self.covers_prompt else
+                                                    len(output.request.prompt_ids))
         ids = [] if output.token_id is None else [output.token_id]
         return self.add(output.text, ids, [output.logprob] * len(ids))
+
+
+def activations_json(activations: dict[str, Any], start: int) -> dict[str, Any]:
+    """Each hook's activations from position `start` on as {shape, dtype, data}: base64 of the
+    little-endian float32 values, in TransformerLens' shapes without the batch."""
+    shaped = {}
+    for name, values in activations.items():
+        values = values[:, start:] if split_name(name)[1] == "attn.hook_pattern" else values[start:]
+        data = values.contiguous().numpy().astype("<f4").tobytes()
+        shaped[name] = {"shape": list(values.shape), "dtype": "float32",
+                        "data": base64.b64encode(data).decode("ascii")}
+    return shaped
 
 
 def chat_logprobs(choice: dict[str, Any]) -> dict[str, Any] | None:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 DEFAULT_MAX_BATCH = 8  # requests decoded together, one cache row each (the library's Engine: 1)
 DEFAULT_SHUTDOWN_TIMEOUT = 30.0  # seconds for requests in flight to finish on SIGTERM
 DEFAULT_MAX_BODY_BYTES = 4 * 2**20
+DEFAULT_MAX_CAPTURE_MIB = 64  # float32 activations one completion may capture (its JSON: 4/3 of it)
 
 
 @dataclass
@@ -16,6 +17,7 @@ class Settings:
     api_key: str | None = None
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     chat_template: str | None = None  # --chat-template: a file or the template (else the checkpoint's)
+    max_capture_bytes: int = DEFAULT_MAX_CAPTURE_MIB * 2**20
 
 
 @dataclass(frozen=True)
