@@ -142,6 +142,45 @@ def test_generate_stop_string_and_stats(tiny_checkpoint, tiny_model):
     assert "tokens/s, first token after" in result.stderr
 
 
+def test_generate_steers_as_the_library_does(tiny_checkpoint, tiny_model, tmp_path):
+    from gpt2engine import Steering
+
+    vector = torch.randn(32, generator=torch.Generator().manual_seed(6)).tolist()
+    (tmp_path / "vector.json").write_text(json.dumps(vector))
+    (tmp_path / "vector.txt").write_text("\n".join(map(repr, vector)))
+    expected = expected_text(tiny_model, "Hello there", steer=(
+        Steering("blocks.1.hook_resid_pre", vector, 3.0, start=2),
+        Steering("blocks.0.hook_resid_mid", coefficient=-2.5, start=2, from_prompts=("Love", "Hate"))))
+    assert expected.text != expected_text(tiny_model, "Hello there").text
+    for file in ("vector.json", "vector.txt"):
+        result = run_gpt2("generate", "Hello there", "--model", str(tiny_checkpoint), *GREEDY_FLAGS,
+                          "--steer", "blocks.1.hook_resid_pre", "3", str(tmp_path / file),
+                          "--steer-start", "2",
+                          "--steer-prompts", "blocks.0.hook_resid_mid", "-2.5", "Love", "Hate")
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == expected.text + "\n"
+
+
+@pytest.mark.parametrize(("steer", "message"), [
+    (["--steer", "blocks.2.hook_resid_pre", "1", "VECTOR"], "layer 2 is out of range, the model has layers"),
+    (["--steer", "blocks.0.mlp.hook_pre", "1", "VECTOR"], "is not a steerable (residual) hook"),
+    (["--steer", "blocks.0.hook_resid_pre", "1", "SHORT"], "has 3 values; the model's residual stream has"),
+    (["--steer", "blocks.0.hook_resid_pre", "inf", "VECTOR"], "coefficient must be a finite number"),
+    (["--steer", "blocks.0.hook_resid_pre", "1", "NAN"], "a steering vector is a list of finite numbers"),
+    (["--steer", "blocks.0.hook_resid_pre", "1", "MISSING"], "No such file or directory"),
+    (["--steer", "blocks.0.hook_resid_pre", "1", "WORDS"], "not a JSON list or whitespace-separated numbers"),
+    (["--steer-prompts", "blocks.0.hook_resid_pre", "x", "Love", "Hate"], "coefficient must be a number"),
+])
+def test_bad_steering_is_one_line_and_exit_2(tiny_checkpoint, tmp_path, steer, message):
+    files = {"VECTOR": "[" + ", ".join(["0.5"] * 32) + "]", "SHORT": "[1, 2, 3]",
+             "NAN": "[NaN" + ", 1" * 31 + "]", "WORDS": "one two"}
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    steer = [str(tmp_path / a) if a in (*files, "MISSING") else a for a in steer]
+    assert_one_line_error(run_gpt2("generate", "Hi", "--model", str(tiny_checkpoint), "--quiet", *steer),
+                          2, message)
+
+
 def test_a_bad_flag_through_the_installed_command_is_one_line_and_exit_2():
     # every bad command line, in-process: tests/test_cli_flags.py
     result = run_gpt2("generate", "Hi", "--top-p", "1.5")

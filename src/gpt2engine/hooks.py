@@ -45,11 +45,12 @@ def split_name(name: str) -> tuple[int | None, str]:
     return None, name
 
 
-def check_hook(name: object, n_layer: int, steering: bool = False) -> str:
-    """`name` if it is a hook point of a model with `n_layer` blocks (a residual one, for steering);
-    otherwise an error that lists what exists."""
+def check_hook(name: object, n_layer: int | None, steering: bool = False) -> str:
+    """`name` if it is a hook point of a model with `n_layer` blocks (None: any number; a residual
+    one, for steering); otherwise an error that lists what exists."""
     allowed = RESIDUAL_HOOKS if steering else LAYER_HOOKS
-    listing = (f"blocks.{{0..{n_layer - 1}}}.{{{', '.join(allowed)}}}"
+    layers = "L" if n_layer is None else f"{{0..{n_layer - 1}}}"
+    listing = (f"blocks.{layers}.{{{', '.join(allowed)}}}"
                + ("" if steering else f", {', '.join(MODEL_HOOKS)}"))
     if not isinstance(name, str):
         raise GPT2EngineError(f"a hook name is a string, got {name!r}; hooks are {listing}")
@@ -57,7 +58,7 @@ def check_hook(name: object, n_layer: int, steering: bool = False) -> str:
     if layer is None and not steering and name in MODEL_HOOKS:
         return name
     if layer is not None and short in allowed:
-        if layer < n_layer:
+        if n_layer is None or layer < n_layer:
             return name
         raise GPT2EngineError(
             f"hook {name!r}: layer {layer} is out of range, the model has layers 0..{n_layer - 1}")

@@ -12,6 +12,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
+from gpt2engine.cli.flags import CommandLineError
 from gpt2engine.cli.parser import parse
 from gpt2engine.errors import GPT2EngineError
 
@@ -24,7 +25,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run(args)
     except GPT2EngineError as error:
         print(f"gpt2: error: {error}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(error, CommandLineError) else 1
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130

@@ -4,10 +4,13 @@ line in one line. Plain Python: `gpt2 --help` and a bad flag cost no `import tor
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 from typing import NoReturn
 
 from gpt2engine.engine.prefix_cache import DEFAULT_PREFIX_CACHE_MIB
 from gpt2engine.errors import GPT2EngineError
+from gpt2engine.hooks import Steering, check_hook
 from gpt2engine.loading.runtime import DTYPES
 from gpt2engine.sampling_params import ROW_DEFAULTS, ROW_PARAMS, SamplingParams
 
@@ -16,6 +19,10 @@ from gpt2engine.sampling_params import ROW_DEFAULTS, ROW_PARAMS, SamplingParams
 CLI_SAMPLING_DEFAULTS = {"top_k": 40}
 
 MAX_NEW_TOKENS = 2**17  # no GPT-2 context is longer (GPT2Config's bound)
+
+
+class CommandLineError(GPT2EngineError):
+    """A flag's value that only the loaded model shows to be wrong (exit code 2, as argparse's)."""
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -87,6 +94,18 @@ def add_generation_flags(parser: argparse.ArgumentParser, inherit: bool = False)
         help="a prompt that does not fit the context: error (default) or keep its most recent tokens (left)")
     add("--stats", action="store_true", default=False,
         help="after each response, print tokens, tokens/s and time to first token")
+    steer = shared_flag(parser.add_argument_group(
+        "steering (activation addition: coefficient x vector added to a residual hook point, "
+        "e.g. blocks.6.hook_resid_pre; repeatable)"), inherit)
+    steer("--steer", nargs=3, action="append", default=[], metavar=("HOOK", "COEFFICIENT", "FILE"),
+          help="add COEFFICIENT times the vector in FILE (a JSON list or whitespace-separated numbers, "
+               "n_embd of them) at HOOK")
+    steer("--steer-prompts", nargs=4, action="append", default=[],
+          metavar=("HOOK", "COEFFICIENT", "POSITIVE", "NEGATIVE"),
+          help="the vector is the difference of the two prompts' activations at HOOK, at their last "
+               "tokens (ActAdd: 'Love' 'Hate')")
+    steer("--steer-start", type=bounded_int(0), default=0, metavar="POSITION",
+          help="steer from this position on (default: 0, every position)")
 
 
 def generation_options(args: argparse.Namespace):
@@ -94,7 +113,47 @@ def generation_options(args: argparse.Namespace):
 
     sampling = SamplingParams(**{name: getattr(args, name) for name in ROW_PARAMS}, seed=args.seed)
     return GenerationOptions(max_new_tokens=args.max_new_tokens, sampling=sampling,
-                             stop=tuple(args.stop), ignore_eos=args.ignore_eos, truncate=args.truncate)
+                             stop=tuple(args.stop), ignore_eos=args.ignore_eos, truncate=args.truncate,
+                             steer=steerings(args))
+
+
+def steerings(args: argparse.Namespace) -> tuple[Steering, ...]:
+    """The --steer and --steer-prompts flags; the hook's layer and the vector's length are checked
+    once the model is loaded (cli/load.py)."""
+    found = []
+    for hook, coefficient, file in args.steer:
+        check_hook(hook, None, steering=True)  # its layer: once loaded
+        found.append(Steering(hook, read_vector(file), number(coefficient), args.steer_start))
+    for hook, coefficient, positive, negative in args.steer_prompts:
+        check_hook(hook, None, steering=True)  # its layer: once loaded
+        found.append(Steering(hook, coefficient=number(coefficient), start=args.steer_start,
+                              from_prompts=(positive, negative)))
+    return tuple(found)
+
+
+def number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise GPT2EngineError(f"steering coefficient must be a number, got {text!r}") from None
+
+
+def read_vector(path: str) -> list[float]:
+    """A steering vector from a file: a JSON list of numbers, or numbers separated by whitespace."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as error:
+        raise GPT2EngineError(f"steering vector {path}: {error.strerror or error}") from None
+    except UnicodeDecodeError:
+        raise GPT2EngineError(f"steering vector {path}: not UTF-8 text") from None
+    try:
+        values = json.loads(text) if text.lstrip().startswith("[") else [float(v) for v in text.split()]
+    except ValueError:
+        raise GPT2EngineError(
+            f"steering vector {path}: not a JSON list or whitespace-separated numbers") from None
+    if not isinstance(values, list) or not values:
+        raise GPT2EngineError(f"steering vector {path}: expected a non-empty list of numbers")
+    return values
 
 
 def seconds(text: str) -> float:

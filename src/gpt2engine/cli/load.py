@@ -6,7 +6,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gpt2engine.cli.flags import engine_options
+from gpt2engine.cli.flags import CommandLineError, engine_options
+from gpt2engine.errors import GPT2EngineError
 
 
 def load(args: argparse.Namespace):
@@ -22,8 +23,15 @@ def load(args: argparse.Namespace):
 
 
 def load_engine(args: argparse.Namespace):
-    """One engine with one cache row: the REPL and `gpt2 generate` answer one prompt at a time."""
+    """One engine with one cache row: the REPL and `gpt2 generate` answer one prompt at a time.
+    The steering flags are checked against the model here (a mistake in them is a command-line
+    error), and vectors from prompts computed once for every response."""
     model, tokenizer = load(args)
     from gpt2engine.engine import Engine  # after loading, which parses the tokenizer before torch
 
-    return Engine(model, tokenizer, max_batch=1, **engine_options(args))
+    engine = Engine(model, tokenizer, max_batch=1, **engine_options(args))
+    try:
+        args.options = engine.with_checked_hooks(args.options)
+    except GPT2EngineError as error:
+        raise CommandLineError(f"--steer: {error}") from None
+    return engine

@@ -97,13 +97,7 @@ class Engine:
         if request_id in self.requests:
             raise GPT2EngineError(f"request id {request_id!r} is already in use")
         ids = fit_prompt(prompt_ids(self.model, self.tokenizer, prompt), self.max_len, options)
-        check_hooks(options.capture, self.model.config.n_layer)
-        for steering in options.steer:
-            steering.check(self.model.config.n_layer, self.model.config.n_embd)
-        if any(s.from_prompts for s in options.steer):  # their vectors, computed once, now
-            options = replace(options, steer=tuple(
-                self.steering_from_prompts(s.hook, *s.from_prompts, s.coefficient, s.start) if s.from_prompts
-                else s for s in options.steer))
+        options = self.with_checked_hooks(options)
         seed = options.sampling.seed if options.sampling.seed is not None else secrets.randbits(64)
         request = Request(request_id, ids, options, seed, TextState(self.tokenizer, options))
         self.scheduler.add(request)
@@ -145,6 +139,18 @@ class Engine:
     def prompt_ids(self, prompt: str | list[int]) -> list[int]:
         """A prompt as token ids, checked against both vocabularies (text is encoded)."""
         return prompt_ids(self.model, self.tokenizer, prompt)
+
+    def with_checked_hooks(self, options: GenerationOptions) -> GenerationOptions:
+        """`options` with its capture and steering checked against the model, and the vectors of
+        steerings given as two prompts computed (once: a caller reusing options keeps them)."""
+        check_hooks(options.capture, self.model.config.n_layer)
+        for steering in options.steer:
+            steering.check(self.model.config.n_layer, self.model.config.n_embd)
+        if not any(s.from_prompts for s in options.steer):
+            return options
+        return replace(options, steer=tuple(
+            self.steering_from_prompts(s.hook, *s.from_prompts, s.coefficient, s.start) if s.from_prompts
+            else s for s in options.steer))
 
     def steering_from_prompts(self, hook: str, positive: str | list[int], negative: str | list[int],
                               coefficient: float = 1.0, start: int = 0) -> Steering:
