@@ -272,10 +272,12 @@ class GPT2(nn.Module):
     def hidden_states(
         self, idx: torch.Tensor, positions: torch.Tensor | None = None,
         cache: list[KVCache] | None = None, length: int | None = None, hooks: Hooks = NO_HOOKS,
+        stop_at_layer: int | None = None,
     ) -> torch.Tensor:
         # idx: (B, T) token ids, positions: (B, T) or None for 0..T-1 -> final hidden (B, T, C)
         # With a cache, attention reads its first `length` slots (default: all of them). `hooks`
-        # records and steers activations at the named points (hooks.py).
+        # records and steers activations at the named points (hooks.py). With `stop_at_layer`, only
+        # the blocks before it run, and their residual stream (B, T, C) is returned.
         B, T = idx.shape
         if positions is None:
             if self.config.n_positions < T:
@@ -293,9 +295,9 @@ class GPT2(nn.Module):
                 hidden, float("-inf"))
         x = hooks(self.wte(idx), "hook_embed") + hooks(self.wpe(positions), "hook_pos_embed")
         caches: list[KVCache | None] = list(cache) if cache else [None] * len(self.h)
-        for block, layer_cache in zip(self.h, caches, strict=True):
+        for block, layer_cache in zip(self.h[:stop_at_layer], caches, strict=False):
             x = block(x, positions, mask, layer_cache, hooks)
-        return hooks(self.ln_f(x), "ln_final.hook_normalized")
+        return x if stop_at_layer is not None else hooks(self.ln_f(x), "ln_final.hook_normalized")
 
     def forward(
         self, idx: torch.Tensor, positions: torch.Tensor | None = None,
@@ -307,13 +309,20 @@ class GPT2(nn.Module):
     @torch.inference_mode()
     def run_with_cache(
         self, idx: torch.Tensor, names: list[str] | None = None, hooks: Hooks | None = None,
+        stop_at_layer: int | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """TransformerLens' `run_with_cache`: the logits and the activations at `names` (default:
         every hook point), float32 in TransformerLens' shapes (hooks.py). `hooks` instead of `names`
-        also steers (its capture is then what is recorded)."""
-        # idx: (B, T) -> logits (B, T, V) float32, {name: (B, T, ...) float32}
+        also steers (its capture is then what is recorded). With `stop_at_layer`, as TransformerLens,
+        only the blocks before it run and the residual stream there comes back in place of logits
+        (what an activation dataset needs of a middle layer: not the rest, nor the LM head)."""
+        # idx: (B, T) -> logits (B, T, V) or residual (B, T, C), float32; {name: (B, T, ...) float32}
         if hooks is None:
             hooks = Hooks(check_hooks(names if names is not None else hook_names(self.config.n_layer),
                                       self.config.n_layer))
-        logits = self(idx.to(self.device), hooks=hooks).float()
-        return logits, {name: hooks.cache[name].float() for name in hooks.capture}
+        hidden = self.hidden_states(idx.to(self.device), hooks=hooks, stop_at_layer=stop_at_layer)
+        out = hidden if stop_at_layer is not None else self.lm_head(hidden)
+        missing = [name for name in hooks.capture if name not in hooks.cache]
+        if missing:
+            raise GPT2EngineError(f"{missing[0]!r} comes after stop_at_layer={stop_at_layer}")
+        return out.float(), {name: hooks.cache[name].float() for name in hooks.capture}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from gpt2engine.cli.activations import add_activations_command
 from gpt2engine.cli.bench import add_bench_command
 from gpt2engine.cli.eval import add_eval_commands, run_harness
 from gpt2engine.cli.export import add_export_command
@@ -48,6 +49,7 @@ def build_parser() -> OneLineParser:
     add_export_command(commands)
     add_eval_commands(commands)
     add_bench_command(commands)
+    add_activations_command(commands)
     return parser
 
 
