@@ -177,3 +177,15 @@ def test_bad_steering_is_refused(fields, message):
 def test_steering_vector_must_have_the_models_width():
     with pytest.raises(GPT2EngineError, match="has 3 values; the model's residual stream has 32"):
         Steering("blocks.0.hook_resid_pre", [1.0, 2.0, 3.0]).check(2, 32)
+
+
+def test_stop_at_layer_runs_only_the_blocks_before_it(tiny_model):
+    model, _ = tiny_model
+    ids = ids_for(model)
+    _, whole = model.run_with_cache(ids, ["blocks.1.hook_resid_pre", "blocks.0.mlp.hook_post"])
+    residual, early = model.run_with_cache(ids, ["blocks.1.hook_resid_pre", "blocks.0.mlp.hook_post"],
+                                           stop_at_layer=1)
+    assert torch.equal(residual, whole["blocks.1.hook_resid_pre"])
+    assert all(torch.equal(early[name], whole[name]) for name in whole)
+    with pytest.raises(GPT2EngineError, match="'blocks.1.hook_mlp_out' comes after stop_at_layer=1"):
+        model.run_with_cache(ids, ["blocks.1.hook_mlp_out"], stop_at_layer=1)

@@ -144,10 +144,12 @@ def write_json(path: Path, data: dict) -> None:
 
 
 def blocks_needed(hooks: tuple[str, ...]) -> int | None:
-    """How many blocks must run to reach every hook (None: all, and the final LayerNorm)."""
+    """How many blocks must run to reach every hook (None: all, and the final LayerNorm); block L's
+    hook_resid_pre is where the first L blocks end."""
     if "ln_final.hook_normalized" in hooks:
         return None
-    return max(layer + 1 if layer is not None else 0 for layer, _ in map(split_name, hooks))
+    return max(0 if layer is None else layer if short == "hook_resid_pre" else layer + 1
+               for layer, short in map(split_name, hooks))
 
 
 @torch.inference_mode()

@@ -276,8 +276,9 @@ class GPT2(nn.Module):
     ) -> torch.Tensor:
         # idx: (B, T) token ids, positions: (B, T) or None for 0..T-1 -> final hidden (B, T, C)
         # With a cache, attention reads its first `length` slots (default: all of them). `hooks`
-        # records and steers activations at the named points (hooks.py). With `stop_at_layer`, only
-        # the blocks before it run, and their residual stream (B, T, C) is returned.
+        # records and steers activations at the named points (hooks.py). With `stop_at_layer` L, only
+        # the blocks before it run, and the residual stream there (B, T, C), block L's
+        # hook_resid_pre, is returned.
         B, T = idx.shape
         if positions is None:
             if self.config.n_positions < T:
@@ -297,7 +298,9 @@ class GPT2(nn.Module):
         caches: list[KVCache | None] = list(cache) if cache else [None] * len(self.h)
         for block, layer_cache in zip(self.h[:stop_at_layer], caches, strict=False):
             x = block(x, positions, mask, layer_cache, hooks)
-        return x if stop_at_layer is not None else hooks(self.ln_f(x), "ln_final.hook_normalized")
+        if stop_at_layer is not None:
+            return hooks(x, "hook_resid_pre", stop_at_layer) if stop_at_layer < len(self.h) else x
+        return hooks(self.ln_f(x), "ln_final.hook_normalized")
 
     def forward(
         self, idx: torch.Tensor, positions: torch.Tensor | None = None,
