@@ -117,3 +117,34 @@ def test_the_prefix_cache_on_cuda_gives_the_same_bits(tiny_checkpoint, tiny_mode
     with_cache = prefix.run(cached, work)
     assert [prefix.outcome(r) for r in with_cache] == [prefix.outcome(r) for r in prefix.run(plain, work)]
     assert sum(r.cached_tokens for r in with_cache) > 0
+
+
+def test_hooked_requests_beside_graphed_ones(long_context):
+    """Under CUDA graphs a capturing and steering request runs eagerly in its row: its activations
+    are the model's, and the graphed requests beside it get the tokens they get without it."""
+    from gpt2engine import Steering
+
+    tokenizer = Tokenizer.from_pretrained(long_context)
+    model = GPT2.from_pretrained(long_context, device="cuda")
+    vector = torch.randn(64, generator=torch.Generator().manual_seed(3)).tolist()
+    hooked = GenerationOptions(max_new_tokens=10, sampling=GREEDY, ignore_eos=True,
+                               capture=("blocks.1.hook_resid_post", "blocks.0.attn.hook_pattern"),
+                               steer=(Steering("blocks.2.hook_resid_pre", vector, 2.0),))
+    plain = [GenerationOptions(max_new_tokens=12, sampling=GREEDY, ignore_eos=True)] * 2
+
+    def run(with_hooked: bool):
+        engine = Engine(model, tokenizer, max_batch=3, prefill_chunk=64)
+        assert engine.runner.graphed is not None
+        requests = [engine.add_request(p, o) for p, o in zip(PROMPTS[:2], plain, strict=True)]
+        extra = [engine.add_request(PROMPTS[2], hooked)] if with_hooked else []
+        list(engine.run(requests + extra))
+        return [r.output_ids for r in requests], extra
+
+    beside, [request] = run(True)
+    assert beside == run(False)[0]
+    result = request.result()
+    steered = GPT2.from_pretrained(long_context)  # the CPU's steered tokens: the same
+    [on_cpu] = complete(steered, tokenizer, [PROMPTS[2]], hooked)
+    assert result.token_ids == on_cpu.token_ids
+    for name, values in result.activations.items():
+        assert (values - on_cpu.activations[name]).abs().max() < 1e-4, name
