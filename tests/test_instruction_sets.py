@@ -17,7 +17,8 @@ pytestmark = pytest.mark.slow  # each test builds the kernels for another level
 # AVX2 + FMA, and plain C (one lane)
 OLDER_LEVELS = ["x86-64-v3", "x86-64"] if platform.machine() == "x86_64" else ["armv8-a"]
 TESTS = Path(__file__).parent
-AT_EVERY_LEVEL = ["test_kernels.py", "test_step.py", "test_engine.py", "test_formats.py", "test_model.py"]
+AT_EVERY_LEVEL = ["test_kernels.py", "test_step.py", "test_engine.py", "test_formats.py", "test_model.py",
+                  "test_activations.py"]
 
 INT8_PRODUCTS = """
 import sys, torch

@@ -145,16 +145,16 @@ class CausalSelfAttention(nn.Module):
         for t, name in ((q, "attn.hook_q"), (k, "attn.hook_k"), (v, "attn.hook_v")):
             hooks(t, name, layer)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
-        pattern = hooks.wants("attn.hook_pattern", layer)  # then the weights are computed explicitly
+        explicit = hooks.wants("attn.hook_pattern", layer)  # then the weights are computed explicitly
         y = None
         if cache is not None:
             assert mask is not None  # hidden_states masks whenever there is a cache
             start = chunk_start(positions)  # a prompt's chunk on the CPU: our causal kernel (kernels/)
             k, v = cache.update(positions, k, v, mask.shape[-1], start)  # (B, nh, L, hs)
-            if start is not None and not pattern:
+            if start is not None and not explicit:
                 y = prefill_attention(qkv, cache.k, cache.v, start, nh, self.scale)  # (B, T, C) or None
         if y is None:
-            if pattern:
+            if explicit:
                 scores = (q @ k.transpose(-2, -1)) * self.scale  # (B, nh, T, L)
                 if mask is None:
                     mask = torch.full((T, T), float("-inf"), device=x.device).triu(1)
