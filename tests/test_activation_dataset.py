@@ -113,10 +113,10 @@ def test_documents_from_json_lines_and_their_errors(tmp_path):
     lines.write_text('{"text": "one"}\n\n{"text": "two", "id": 2}\n')
     assert read_documents(lines) == ["one", "two"]
     lines.write_text('{"text": "one"}\n{"body": "two"}\n')
-    with pytest.raises(GPT2EngineError, match="line 2: expected an object with a 'text' string"):
+    with pytest.raises(GPT2EngineError, match="corpus.jsonl:2: field 'text' missing or not str"):
         read_documents(lines)
     lines.write_text('{"text": "one"\n')
-    with pytest.raises(GPT2EngineError, match="line 1: not JSON"):
+    with pytest.raises(GPT2EngineError, match="corpus.jsonl:1: not valid JSON"):
         read_documents(lines)
 
 
@@ -139,4 +139,4 @@ def test_the_command_writes_a_dataset_and_says_mistakes_in_one_line(tiny_checkpo
     assert_one_line_error(run_gpt2(*args[:-1], str(tmp_path / "new"), "--hooks", "blocks.0.hook_q"), 1,
                           "is not a hook point")
     assert_one_line_error(run_gpt2(*args[:5], "--input", str(tmp_path / "none.txt"), *args[7:]), 1,
-                          "No such file or directory")
+                          "none.txt: no such file")

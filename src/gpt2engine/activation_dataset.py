@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from gpt2engine.errors import GPT2EngineError
+from gpt2engine.evaluation import read_jsonl, read_text
 from gpt2engine.hooks import Hooks, check_hooks, position_shape, split_name
 from gpt2engine.model import GPT2
 from gpt2engine.tokenizer import Tokenizer
@@ -52,27 +53,10 @@ class Settings:
 
 def read_documents(path: Path, text_field: str = "text") -> list[str]:
     """A corpus: JSON lines (.jsonl, .json), one object with a `text_field` string per line, or
-    plain UTF-8 text, one document."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as error:
-        raise GPT2EngineError(f"{path}: {error.strerror or error}") from None
-    except UnicodeDecodeError as error:
-        raise GPT2EngineError(f"{path}: not UTF-8 text (byte {error.start})") from None
-    if path.suffix not in (".jsonl", ".json"):
-        return [text]
-    documents = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise GPT2EngineError(f"{path} line {number}: not JSON ({error.msg})") from None
-        if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-            raise GPT2EngineError(f"{path} line {number}: expected an object with a {text_field!r} string")
-        documents.append(record[text_field])
-    return documents
+    plain UTF-8 text, one document; read as evaluation reads its files (bounded, checked)."""
+    if path.suffix in (".jsonl", ".json"):
+        return [record[text_field] for _, record in read_jsonl(path, {text_field: str})]
+    return [read_text(path)]
 
 
 def token_rows(tokenizer: Tokenizer, documents: list[str], context: int, prepend_eot: bool) -> torch.Tensor:
