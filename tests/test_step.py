@@ -72,12 +72,31 @@ def test_a_row_gives_the_same_bits_alone_and_in_a_batch(checkpoints, fmt):
     assert torch.equal(alone_cache[0].k[0], batch_cache[0].k[0])
 
 
+@pytest.mark.parametrize("fmt", ["float32", "int8"])
+def test_consecutive_positions_of_one_row_in_one_call_are_its_steps_one_by_one(checkpoints, fmt):
+    """A speculative verification: step rows that feed one cache row at consecutive positions
+    (beside another row's step) give the bits of feeding them one step at a time."""
+    model = GPT2.from_pretrained(checkpoints["odd-heads"], dtype=fmt)
+    at_once, one_by_one = prefilled(model), prefilled(model)
+    tokens = [5, 17, 2, 40]
+    together = DecodeStep.build(model, at_once)([*tokens, 9], [10, 11, 12, 13, 3], rows=[0, 0, 0, 0, 1])
+    step = DecodeStep.build(model, one_by_one)
+    steps = [step([tokens[0], 9], [10, 3], rows=[0, 1])]
+    steps += [step([token], [10 + i], rows=[0]) for i, token in enumerate(tokens[1:], 1)]
+    assert torch.equal(together[:4], torch.cat([steps[0][:1], *steps[1:]]))
+    assert torch.equal(together[4], steps[0][1])
+    for a, b in zip(at_once, one_by_one, strict=True):
+        assert torch.equal(a.k, b.k) and torch.equal(a.v, b.v)
+
+
 def test_tokens_or_positions_out_of_range_are_refused(checkpoints):
     model = GPT2.from_pretrained(checkpoints["one-head"])
     step = DecodeStep.build(model, model.make_cache(2, 8))
     for tokens, positions in [([50], [0]), ([-1], [0]), ([1], [8]), ([1, 2, 3], [0, 0, 0]), ([1], [0, 1])]:
         with pytest.raises(ValueError, match="out of range"):
             step(tokens, positions)
+    with pytest.raises(ValueError, match="out of range"):
+        step([1, 2], [0, 1], rows=[0, 2])
 
 
 def test_where_it_does_not_apply_the_engine_takes_torchs_path(checkpoints, monkeypatch):

@@ -52,7 +52,7 @@ KERNELS = Library(
     flags=("-O3", "-fopenmp", "-ffp-contract=off"),  # a*b+c rounds alike wherever the compiler puts it
     exports={
         "gpt2engine_linear": (None, (P, P, INT, P, P, P, INT, INT, INT, INT)),
-        "gpt2engine_decode_step": (None, (P, P, P, INT, P, INT, P, P)),
+        "gpt2engine_decode_step": (None, (P, P, P, P, INT, P, INT, P, P)),
         "gpt2engine_convert": (INT, (P, INT, INT64, INT, INT, INT, INT, P, P, INT)),
         "gpt2engine_prefill_attention": (INT, (P, P, P, P, INT, INT, INT, INT, INT, FLOAT, INT)),
         "gpt2engine_gelu_tanh": (None, (P, LONG, INT)),

@@ -1,9 +1,11 @@
 /* Attention on the CPU (gpt2engine.kernels): a decode step's, fused (called by step.c), and a
  * prefill chunk's, causal (below).
  *
- * A decode step has one new token per row: its key and value are written into the row's cache slot `position`,
- * then its query attends to the slots 0..position of that row only, so each row costs what its
- * own length costs and gives the same bits alone or in any batch. Replaces, per layer: split,
+ * A decode step has one new token per step row: its key and value are written into its cache row's
+ * slot `position` (all rows' first, so that several step rows of one cache row, a speculative
+ * verification's consecutive positions, see each other), then its query attends to the slots
+ * 0..position of that cache row only, so each row costs what its own length costs and gives the
+ * same bits alone or in any batch. Replaces, per layer: split,
  * three transposes, the cache scatter, the masked scaled_dot_product_attention and the reshape
  * back, a dozen small torch calls.
  */
@@ -18,14 +20,24 @@
 #include "vec.h"
 
 /* qkv: (B, 3*H*D), the fused projection of the new tokens (q, then k, then v, heads within each);
- * k_cache, v_cache: (B, H, S, D); out: (B, H*D); this call: row b, head h. */
-void gpt2engine_attend(const float *qkv, float *k_cache, float *v_cache, int64_t position, float *out,
-                       int b, int h, int H, int S, int D, float scale) {
+ * k_cache, v_cache: (rows, H, S, D). Step row b's key and value, every head, into cache row `row`. */
+void gpt2engine_store_kv(const float *qkv, float *k_cache, float *v_cache, int64_t position, int b, int64_t row,
+                         int H, int S, int D) {
+    for (int h = 0; h < H; h++) {
+        const float *q = qkv + (size_t)b * 3 * H * D + (size_t)h * D;
+        size_t slot = (((size_t)row * H + h) * S + (size_t)position) * D;
+        memcpy(k_cache + slot, q + (size_t)H * D, D * sizeof(float));
+        memcpy(v_cache + slot, q + (size_t)2 * H * D, D * sizeof(float));
+    }
+}
+
+/* Step row b's query, head h, over slots 0..position of cache row `row` (stored already) -> out:
+ * (B, H*D). */
+void gpt2engine_attend(const float *qkv, const float *k_cache, const float *v_cache, int64_t position,
+                       float *out, int b, int64_t row, int h, int H, int S, int D, float scale) {
     const float *q = qkv + (size_t)b * 3 * H * D + (size_t)h * D;
-    float *k = k_cache + ((size_t)b * H + h) * S * D, *v = v_cache + ((size_t)b * H + h) * S * D;
+    const float *k = k_cache + ((size_t)row * H + h) * S * D, *v = v_cache + ((size_t)row * H + h) * S * D;
     int last = (int)position;
-    memcpy(k + (size_t)last * D, q + (size_t)H * D, D * sizeof(float));
-    memcpy(v + (size_t)last * D, q + (size_t)2 * H * D, D * sizeof(float));
     float weights[last + 1], acc[D], top = -INFINITY, total = 0.0f;
     for (int j = 0; j <= last; j++) {
         float s = 0.0f;

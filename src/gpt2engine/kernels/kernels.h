@@ -33,7 +33,10 @@ typedef struct {
  * y = epilogue(x W^T + b), x: (M, in), y: (M, out). No barrier at its end. */
 void gpt2engine_linear_part(const Weight *w, const float *x, float *y, int M, int epilogue, Quantized *room);
 
-/* One decode step's attention for row b, head h (attention.c). */
-void gpt2engine_attend(const float *qkv, float *k_cache, float *v_cache, int64_t position, float *out,
-                       int b, int h, int H, int S, int D, float scale);
+/* One decode step's attention (attention.c): step row b's key and value into cache row `row`; then
+ * its query, head h, over that cache row. */
+void gpt2engine_store_kv(const float *qkv, float *k_cache, float *v_cache, int64_t position, int b, int64_t row,
+                         int H, int S, int D);
+void gpt2engine_attend(const float *qkv, const float *k_cache, const float *v_cache, int64_t position,
+                       float *out, int b, int64_t row, int h, int H, int S, int D, float scale);
 #endif

@@ -86,9 +86,12 @@ static void tap(const float *const *steer, float *const *capture, int t, float *
     if (capture && capture[t]) memcpy(capture[t] + (size_t)b * C, x, sizeof(float) * C);
 }
 
-/* tokens, positions: (B,) -> logits: (B, V); each row's key and value written into its cache slot. */
-void gpt2engine_decode_step(const Model *m, const int64_t *tokens, const int64_t *positions, int B,
-                            float *logits, int threads, const float *const *steer, float *const *capture) {
+/* tokens, positions: (B,) -> logits: (B, V); each step row's key and value written into its cache
+ * slot. Step row b is cache row rows[b] (rows NULL: b); several step rows of one cache row at
+ * consecutive positions are a speculative verification, each computed as its own decode step. */
+#define ROW(b) (rows ? rows[b] : (int64_t)(b))
+void gpt2engine_decode_step(const Model *m, const int64_t *tokens, const int64_t *positions, const int64_t *rows,
+                            int B, float *logits, int threads, const float *const *steer, float *const *capture) {
     int C = m->n_embd, H = m->n_head, D = C / H, widest = m->n_inner > C ? m->n_inner : C;
     float *x = malloc(sizeof(float) * B * C), *h = malloc(sizeof(float) * B * C);
     float *qkv = malloc(sizeof(float) * B * 3 * C), *att = malloc(sizeof(float) * B * C);
@@ -109,10 +112,13 @@ void gpt2engine_decode_step(const Model *m, const int64_t *tokens, const int64_t
                 }
                 gpt2engine_linear_part(&L->attn, h, qkv, B, STORE, &room);
                 #pragma omp barrier
+                #pragma omp for
+                for (int b = 0; b < B; b++)
+                    gpt2engine_store_kv(qkv, L->k_cache, L->v_cache, positions[b], b, ROW(b), H, m->max_len, D);
                 #pragma omp for collapse(2) schedule(static)
                 for (int b = 0; b < B; b++)
                     for (int head = 0; head < H; head++)
-                        gpt2engine_attend(qkv, L->k_cache, L->v_cache, positions[b], att, b, head, H,
+                        gpt2engine_attend(qkv, L->k_cache, L->v_cache, positions[b], att, b, ROW(b), head, H,
                                           m->max_len, D, L->attn_scale);
                 gpt2engine_linear_part(&L->attn_proj, att, x, B, ADD, &room);
                 #pragma omp barrier

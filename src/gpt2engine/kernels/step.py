@@ -99,17 +99,19 @@ class DecodeStep:
         return cls(model, cache, kernels.decode_step)
 
     def __call__(self, tokens: list[int], positions: list[int], steer: dict[int, torch.Tensor] | None = None,
-                 capture: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
-        # tokens, positions: B each (row b of the cache) -> logits (B, V)
+                 capture: dict[int, torch.Tensor] | None = None, rows: list[int] | None = None) -> torch.Tensor:
+        # tokens, positions: B each -> logits (B, V); step row b feeds cache row rows[b] (default b)
         # steer: tap -> (B, C) added there; capture: tap -> (B, C) written there (tap_index)
         B = len(tokens)
-        if not (0 < B == len(positions) <= self.rows and 0 <= min(tokens) <= max(tokens) < self.vocab_size
-                and 0 <= min(positions) <= max(positions) < self.max_len):
-            raise ValueError("decode step: tokens or positions out of range")
-        ids, where = torch.tensor(tokens), torch.tensor(positions)
+        rows = list(range(B)) if rows is None else rows
+        if not (0 < B == len(positions) == len(rows) and 0 <= min(tokens) <= max(tokens) < self.vocab_size
+                and 0 <= min(positions) <= max(positions) < self.max_len
+                and 0 <= min(rows) <= max(rows) < self.rows):
+            raise ValueError("decode step: tokens, positions or rows out of range")
+        ids, where, cache_rows = torch.tensor(tokens), torch.tensor(positions), torch.tensor(rows)
         logits = torch.empty(B, self.vocab_size)
-        self.kernel(ctypes.byref(self.struct), ids.data_ptr(), where.data_ptr(), B, logits.data_ptr(),
-                    torch.get_num_threads(), self.taps(steer, B), self.taps(capture, B))
+        self.kernel(ctypes.byref(self.struct), ids.data_ptr(), where.data_ptr(), cache_rows.data_ptr(), B,
+                    logits.data_ptr(), torch.get_num_threads(), self.taps(steer, B), self.taps(capture, B))
         return logits
 
     def taps(self, tensors: dict[int, torch.Tensor] | None, B: int) -> ctypes.Array | None:
