@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from gpt2engine.engine.prefix_cache import DEFAULT_PREFIX_CACHE_MIB
+from gpt2engine.engine.scheduler import DEFAULT_SPECULATIVE_TOKENS
 from gpt2engine.errors import GPT2EngineError
 from gpt2engine.hooks import Steering, check_hook
 from gpt2engine.loading.runtime import DTYPES
@@ -70,12 +71,21 @@ def add_engine_flags(parser: argparse.ArgumentParser, inherit: bool = False) -> 
     add("--prefix-cache-mib", type=non_negative_float, default=DEFAULT_PREFIX_CACHE_MIB, metavar="MIB",
         help=f"the most memory the prefix cache keeps, least recently used out first "
              f"(default: {DEFAULT_PREFIX_CACHE_MIB})")
+    add("--speculative", metavar="ngram|NAME_OR_PATH",
+        help="speculative decoding: 'ngram' (prompt lookup) or a draft model of the same vocabulary "
+             "proposes tokens that one step of the model checks; the output is unchanged (default: off)")
+    add("--speculative-tokens", type=bounded_int(1, 64), default=DEFAULT_SPECULATIVE_TOKENS, metavar="K",
+        help=f"the most tokens proposed a step; fewer as a request's acceptance goes "
+             f"(default: {DEFAULT_SPECULATIVE_TOKENS})")
+    add("--speculative-dtype", default="auto", choices=DTYPES, help="the draft model's dtype (default: auto)")
 
 
 def engine_options(args: argparse.Namespace) -> dict:
     """The Engine's keyword arguments that add_engine_flags' flags set."""
     return {"cuda_graphs": args.cuda_graphs,
-            "prefix_cache_mib": args.prefix_cache_mib if args.prefix_cache else 0}
+            "prefix_cache_mib": args.prefix_cache_mib if args.prefix_cache else 0,
+            "speculative": args.speculative, "speculative_tokens": args.speculative_tokens,
+            "speculative_dtype": args.speculative_dtype}
 
 
 def add_generation_flags(parser: argparse.ArgumentParser, inherit: bool = False) -> None:

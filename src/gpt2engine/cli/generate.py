@@ -33,11 +33,15 @@ def read_stdin() -> str:
         raise GPT2EngineError(f"stdin: not UTF-8 text (byte {error.start})") from None
 
 
-def print_stats(tokens: int, started: float, first_token: float | None) -> None:
-    elapsed = time.perf_counter() - started
+def print_stats(result: GenerationResult, started: float, first_token: float | None) -> None:
+    tokens, elapsed = result.completion_tokens, time.perf_counter() - started
     rate = tokens / elapsed if elapsed > 0 else 0.0
     ttft = f"{(first_token - started) * 1000:.0f} ms" if first_token else "n/a"
-    print(f"[{tokens} tokens in {elapsed:.2f} s, {rate:.1f} tokens/s, first token after {ttft}]",
+    speculative = ""
+    if result.acceptance_rate is not None:
+        speculative = (f", speculative: {result.accepted_tokens}/{result.proposed_tokens} proposed tokens "
+                       f"accepted ({result.acceptance_rate:.0%})")
+    print(f"[{tokens} tokens in {elapsed:.2f} s, {rate:.1f} tokens/s, first token after {ttft}{speculative}]",
           file=sys.stderr, flush=True)
 
 
@@ -53,9 +57,10 @@ def respond(engine, prompt: str, options, stats: bool, show: bool = True) -> Gen
         print(flush=True)
     if request.finish_reason == "error":
         raise GPT2EngineError(request.error)
+    result = request.result()
     if stats:
-        print_stats(len(request.output_ids), started, first_token)
-    return request.result()
+        print_stats(result, started, first_token)
+    return result
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -63,10 +68,13 @@ def run_generate(args: argparse.Namespace) -> int:
     engine = load_engine(args)
     if args.json:
         result = respond(engine, prompt, args.options, args.stats, show=False)
-        print(json.dumps({"model": args.model, "text": result.text,
-                          "prompt_tokens": result.prompt_tokens,
-                          "completion_tokens": result.completion_tokens,
-                          "finish_reason": result.finish_reason}, ensure_ascii=False))
+        shown = {"model": args.model, "text": result.text, "prompt_tokens": result.prompt_tokens,
+                 "completion_tokens": result.completion_tokens, "finish_reason": result.finish_reason}
+        if engine.speculation is not None:
+            shown["speculative"] = {
+                "proposer": engine.speculation.stats.proposer, "proposed_tokens": result.proposed_tokens,
+                "accepted_tokens": result.accepted_tokens, "acceptance_rate": result.acceptance_rate}
+        print(json.dumps(shown, ensure_ascii=False))
     else:
         respond(engine, prompt, args.options, args.stats)
     return 0

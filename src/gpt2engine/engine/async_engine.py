@@ -17,6 +17,7 @@ from gpt2engine.config import GPT2Config
 from gpt2engine.engine.engine import Engine
 from gpt2engine.engine.prefix_cache import PrefixCacheStats
 from gpt2engine.engine.request import GenerationOptions, Request, StepOutput
+from gpt2engine.engine.speculative import SpeculationStats
 from gpt2engine.tokenizer import Tokenizer
 
 
@@ -83,6 +84,11 @@ class AsyncEngine:
     @property
     def config(self) -> GPT2Config:
         return self.engine.model.config
+
+    @property
+    def speculation_stats(self) -> SpeculationStats | None:
+        """Speculative decoding's counts (None when it is off); read from any thread, as they stand."""
+        return None if self.engine.speculation is None else self.engine.speculation.stats
 
     @property
     def prefix_cache_stats(self) -> PrefixCacheStats | None:

@@ -19,9 +19,10 @@ from gpt2engine.engine.prefix_cache import DEFAULT_PREFIX_CACHE_MIB, PrefixCache
 from gpt2engine.engine.request import FinishReason, GenerationOptions, Request, Status, StepOutput, TextState
 from gpt2engine.engine.runner import Runner
 from gpt2engine.engine.scheduler import DEFAULT_MAX_QUEUE, DEFAULT_PREFILL_CHUNK, Scheduler
+from gpt2engine.engine.speculative import DEFAULT_SPECULATIVE_TOKENS, DraftModel, PromptLookup, Speculation
 from gpt2engine.errors import GPT2EngineError
 from gpt2engine.hooks import Steering, check_hook, check_hooks
-from gpt2engine.loading.runtime import check_vocabularies
+from gpt2engine.loading.runtime import check_vocabularies, load_draft
 from gpt2engine.model import GPT2
 from gpt2engine.tokenizer import Tokenizer
 
@@ -68,11 +69,16 @@ class Engine:
         self, model: GPT2, tokenizer: Tokenizer, *, max_batch: int = 1, max_len: int | None = None,
         max_queue: int = DEFAULT_MAX_QUEUE, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
         cuda_graphs: bool = True, prefix_cache_mib: float = DEFAULT_PREFIX_CACHE_MIB,
+        speculative: str | GPT2 | None = None, speculative_tokens: int = DEFAULT_SPECULATIVE_TOKENS,
+        speculative_dtype: str = "auto",
     ) -> None:
         """`max_batch` cache rows of `max_len` positions (default: the model's context) each; on
         CUDA the decode step is captured as CUDA graphs unless not `cuda_graphs` (engine/graphs.py).
         Prompts' whole prefill chunks are kept, up to `prefix_cache_mib` MiB (0: none), for the
-        requests that start the same way (engine/prefix_cache.py)."""
+        requests that start the same way (engine/prefix_cache.py). `speculative`: "ngram" (prompt
+        lookup), or a draft model of the same vocabulary (a GPT2, or a folder or Hub id loaded on the
+        model's device in `speculative_dtype`), proposes up to `speculative_tokens` tokens a step,
+        which one step verifies (engine/speculative.py)."""
         check_vocabularies(model, tokenizer)
         if not prefix_cache_mib >= 0:
             raise GPT2EngineError(f"the prefix cache's size must be >= 0 MiB, got {prefix_cache_mib}")
@@ -86,6 +92,26 @@ class Engine:
         self.requests: dict[str, Request] = {}
         self.ended: list[StepOutput] = []  # aborts since the last step, reported by the next
         self.ids = itertools.count()
+        self.speculation = self.speculation_of(speculative, speculative_tokens, speculative_dtype, max_batch)
+
+    def speculation_of(self, speculative: str | GPT2 | None, tokens: int, dtype: str,
+                       max_batch: int) -> Speculation | None:
+        if speculative is None:
+            return None
+        if speculative == "ngram":
+            return Speculation(PromptLookup(), tokens)
+        if isinstance(speculative, str):
+            speculative = load_draft(speculative, self.model, self.tokenizer, dtype)
+        if not isinstance(speculative, GPT2):
+            raise GPT2EngineError(f"speculative is 'ngram' or a draft model, got {speculative!r}")
+        draft, config = speculative.config, self.model.config
+        if draft.vocab_size != config.vocab_size:
+            raise GPT2EngineError(f"the draft model's vocabulary has {draft.vocab_size} tokens, the "
+                                  f"model's {config.vocab_size}: a draft must share the model's vocabulary")
+        if draft.n_positions < self.max_len:
+            raise GPT2EngineError(f"the draft model's context of {draft.n_positions} is shorter than the "
+                                  f"engine's rows of {self.max_len}")
+        return Speculation(DraftModel(speculative, max_batch, self.max_len, self.runner.vocab_limit), tokens)
 
     def add_request(
         self, prompt: str | list[int], options: GenerationOptions | None = None,
@@ -113,6 +139,8 @@ class Engine:
 
     def finish(self, request: Request, reason: FinishReason, error: str | None = None) -> None:
         request.status, request.finish_reason, request.error = Status.FINISHED, reason, error
+        if self.speculation is not None:
+            self.speculation.forget(request)
         self.scheduler.remove(request)
         self.requests.pop(request.request_id, None)
 
@@ -203,6 +231,11 @@ class Engine:
                 logits.append(last[None])
         decoding = schedule.decode
         try:
+            drafts = self.speculation.propose(decoding, self.max_len) if self.speculation and decoding else {}
+            if drafts:
+                rows = self.runner.verify(decoding, drafts)
+                outputs += self.accept(decoding + ready, rows + logits, drafts)
+                return outputs
             if decoding:
                 logits.insert(0, self.runner.decode(decoding))
             batch = decoding + ready
@@ -211,6 +244,29 @@ class Engine:
                 outputs += self.postprocess(batch, self.runner.sample(batch, joined))
         except Exception as error:
             outputs += [self.fail(r, error) for r in decoding + ready if not r.finished]
+        return outputs
+
+    def accept(self, batch: list[Request], rows: list[torch.Tensor], drafts: dict[Request, list[int]]
+               ) -> list[StepOutput]:
+        """Each request's tokens from its logits rows (1 + k, V), position by position as plain
+        decoding would draw them, while the drawn token equals the one proposed there; the first
+        that differs (or the one after the last proposal) is the model's own, and ends the step."""
+        assert self.speculation is not None
+        outputs: list[StepOutput] = []
+        active, j = list(range(len(batch))), 0
+        while active:
+            requests = [batch[i] for i in active]
+            sampled = self.runner.sample(requests, torch.stack([rows[i][j] for i in active]))
+            outputs += self.postprocess(requests, sampled)
+            going = []
+            for i, token in zip(active, sampled.tokens, strict=True):
+                request, draft = batch[i], drafts.get(batch[i], [])
+                kept = j < len(draft) and token == draft[j]
+                if kept and not request.finished:
+                    going.append(i)
+                elif draft:
+                    self.speculation.verified(request, len(draft), j + kept)
+            active, j = going, j + 1
         return outputs
 
     def fail(self, request: Request, error: Exception) -> StepOutput:

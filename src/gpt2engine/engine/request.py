@@ -77,6 +77,12 @@ class GenerationResult:
     finish_reason: FinishReason  # stop: <|endoftext|> or a stop string
     # hook name -> float32 tensor over the prompt's and output's positions (GenerationOptions.capture)
     activations: dict[str, Any] = field(default_factory=dict)
+    proposed_tokens: int = 0  # speculative decoding: tokens proposed and verified...
+    accepted_tokens: int = 0  # ... and of those, kept
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        return self.accepted_tokens / self.proposed_tokens if self.proposed_tokens else None
 
 
 @dataclass(frozen=True)
@@ -158,6 +164,8 @@ class Request:
     arrival: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
     hooks: RequestHooks | None = None  # set by the runner when the options capture or steer
+    proposed_tokens: int = 0  # speculative decoding (speculative.py): tokens proposed and verified...
+    accepted_tokens: int = 0  # ... and of those, kept
 
     @property
     def output_ids(self) -> list[int]:
@@ -182,7 +190,8 @@ class Request:
     def result(self) -> GenerationResult:
         return GenerationResult("".join(self.text.text), self.text.token_ids, len(self.prompt_ids),
                                 len(self.text.token_ids), self.finish_reason or "length",
-                                self.hooks.activations() if self.hooks else {})
+                                self.hooks.activations() if self.hooks else {}, self.proposed_tokens,
+                                self.accepted_tokens)
 
 
 @dataclass(frozen=True)

@@ -183,21 +183,55 @@ class Runner:
         if request.hooks and request.hooks.capture and request.hooks.covered == request.position:
             self.decode_hooked(request, request.output_ids[-1], request.position)
 
+    @torch.inference_mode()
+    def verify(self, requests: list[Request], drafts: dict[Request, list[int]]) -> list[torch.Tensor]:
+        """Feed each request's last token and the tokens proposed after it (speculative.py) -> per
+        request, the logits after each (1 + k, V). On the CPU all in one fused step, each position
+        its own row, so their logits are plain decoding's bits; elsewhere a request with proposals
+        feeds them in one forward pass of its row (the same logits within rounding)."""
+        if self.fused_step is not None:
+            return self.fused(requests, drafts)
+        plain = [r for r in requests if r not in drafts]
+        by_request = dict(zip(plain, self.decode(plain) if plain else [], strict=True))
+        return [self.feed_row(r, [r.output_ids[-1], *drafts[r]]) if r in drafts else by_request[r][None]
+                for r in requests]
+
+    def feed_row(self, request: Request, tokens: list[int]) -> torch.Tensor:
+        """Tokens into a request's row from its position, through the model's forward -> (T, V)."""
+        device, row, start = self.model.device, request.held_row, request.position
+        view = [layer.rows(row, row + 1) for layer in self.cache]
+        positions = torch.arange(start, start + len(tokens), device=device)[None]
+        return self.model(torch.tensor([tokens], device=device), positions, view, start + len(tokens))[0]
+
+    def fused(self, requests: list[Request], drafts: dict[Request, list[int]]) -> list[torch.Tensor]:
+        """One fused step: each request's last token and its proposals, a step row each, in its
+        cache row (the taps of a request that captures or steers, which never has proposals) ->
+        per request (1 + k, V)."""
+        assert self.fused_step is not None
+        feeds = [[r.output_ids[-1], *drafts.get(r, [])] for r in requests]
+        tokens = [t for feed in feeds for t in feed]
+        positions = [r.position + i for r, feed in zip(requests, feeds, strict=True)
+                     for i in range(len(feed))]
+        rows = [r.held_row for r, feed in zip(requests, feeds, strict=True) for _ in feed]
+        firsts = [sum(map(len, feeds[:i])) for i in range(len(feeds))]  # each request's first step row
+        steer, capture = self.step_taps(requests, firsts, len(tokens))
+        logits = self.fused_step(tokens, positions, steer, capture, rows)  # (rows, V)
+        for r, first in zip(requests, firsts, strict=True):
+            if r.hooks:
+                r.hooks.keep_step(capture, first, r.position)
+        return list(logits.split([len(feed) for feed in feeds]))
+
     def decode_batch(self, requests: list[Request]) -> torch.Tensor:
         """Feed each request's last token (rows 0..hi-1 in one batch) -> their logits (n, V)."""
+        if self.fused_step is not None:  # the whole step in one call of our kernels
+            return torch.cat(self.fused(requests, {}))
         hi = max(r.held_row for r in requests) + 1
         tokens = [0] * hi
         positions = [self.max_len - 1] * hi  # rows not decoding write the never-read last slot
         for r in requests:
             tokens[r.held_row], positions[r.held_row] = r.output_ids[-1], r.position
         length = max(r.position for r in requests) + 1
-        if self.fused_step is not None:  # the whole step in one call of our kernels
-            steer, capture = self.step_taps(requests, hi)
-            logits = self.fused_step(tokens, positions, steer, capture)  # (hi, V)
-            for r in requests:
-                if r.hooks:
-                    r.hooks.keep_step(capture, r.held_row, r.position)
-        elif self.graphed is not None:  # the whole step in one graph replay
+        if self.graphed is not None:  # the whole step in one graph replay
             logits = self.graphed(tokens, positions, length)
         else:
             device = self.model.device
@@ -207,19 +241,19 @@ class Runner:
         rows = [r.row for r in requests]
         return logits if rows == list(range(hi)) else logits[rows]  # (n, V); most often all rows
 
-    def step_taps(self, requests: list[Request], hi: int) -> tuple[dict[int, torch.Tensor],
-                                                                    dict[int, torch.Tensor]]:
-        """The fused step's taps for rows 0..hi-1: tap -> the (hi, C) added there (zero in rows that
-        do not steer it), tap -> the (hi, C) it is captured into."""
+    def step_taps(self, requests: list[Request], firsts: list[int], B: int) -> tuple[dict[int, torch.Tensor],
+                                                                                 dict[int, torch.Tensor]]:
+        """The fused step's taps over its B rows, request i's at row firsts[i]: tap -> the (B, C)
+        added there (zero in rows that do not steer it), tap -> the (B, C) it is captured into."""
         steer: dict[int, torch.Tensor] = {}
         capture: dict[int, torch.Tensor] = {}
         C = self.model.config.n_embd
-        for r in requests:
+        for r, first in zip(requests, firsts, strict=True):
             if r.hooks:
                 for index, add in r.hooks.step_steering(r.position).items():
-                    steer.setdefault(index, torch.zeros(hi, C))[r.held_row] = add
+                    steer.setdefault(index, torch.zeros(B, C))[first] = add
                 for name in r.hooks.capture:
-                    capture.setdefault(r.hooks.tap(name), torch.empty(hi, C))
+                    capture.setdefault(r.hooks.tap(name), torch.empty(B, C))
         return steer, capture
 
     def known_tokens(self, logits: torch.Tensor) -> torch.Tensor:

@@ -99,7 +99,8 @@ class DecodeStep:
         return cls(model, cache, kernels.decode_step)
 
     def __call__(self, tokens: list[int], positions: list[int], steer: dict[int, torch.Tensor] | None = None,
-                 capture: dict[int, torch.Tensor] | None = None, rows: list[int] | None = None) -> torch.Tensor:
+                 capture: dict[int, torch.Tensor] | None = None,
+                 rows: list[int] | None = None) -> torch.Tensor:
         # tokens, positions: B each -> logits (B, V); step row b feeds cache row rows[b] (default b)
         # steer: tap -> (B, C) added there; capture: tap -> (B, C) written there (tap_index)
         B = len(tokens)

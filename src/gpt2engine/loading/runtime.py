@@ -99,6 +99,16 @@ def load_pretrained(
     return model, text
 
 
+def load_draft(name_or_path: str, model: GPT2, tokenizer: Tokenizer, dtype: str = "auto") -> GPT2:
+    """A draft model for speculative decoding, on `model`'s device: its tokenizer must be
+    `tokenizer`, token for token, or its guesses would be other tokens' ids."""
+    draft, theirs = load_pretrained(name_or_path, device=str(model.device), dtype=dtype)
+    if theirs.token_bytes.blob != tokenizer.token_bytes.blob or theirs.added != tokenizer.added:
+        raise GPT2EngineError(f"the draft model {name_or_path}'s vocabulary differs from the model's; a "
+                              f"draft must share the model's tokenizer")
+    return draft
+
+
 def check_vocabularies(model: GPT2, tokenizer: Tokenizer) -> None:
     """A model may have more rows than the tokenizer has tokens (padded, as nanoGPT's 50,304), never
     fewer: a token without a row cannot be embedded."""

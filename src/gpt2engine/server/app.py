@@ -68,7 +68,7 @@ class State:
         self.chat_template = ChatTemplate.find(engine.tokenizer, self.settings.chat_template)
         running = AsyncEngine(engine)
         self.loaded = running, Metrics(lambda: running.running, lambda: running.waiting, running.max_batch,
-                                       running.prefix_cache_stats)
+                                       running.prefix_cache_stats, running.speculation_stats)
         self.status = "ready"
 
     def ready(self) -> tuple[AsyncEngine, Metrics]:

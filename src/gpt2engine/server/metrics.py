@@ -9,6 +9,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from gpt2engine.engine.prefix_cache import PrefixCacheStats
+from gpt2engine.engine.speculative import SpeculationStats
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -32,14 +33,31 @@ class PrefixCacheCollector(Collector):
                                 value=stats.blocks)
 
 
+class SpeculationCollector(Collector):
+    """Speculative decoding's counts, by proposer, as they stand at each scrape (as vLLM's
+    spec_decode_num_draft_tokens / num_accepted_tokens)."""
+
+    def __init__(self, stats: SpeculationStats) -> None:
+        self.stats = stats
+
+    def collect(self):
+        for name, value, what in (("proposed", self.stats.proposed, "tokens proposed and verified"),
+                                  ("accepted", self.stats.accepted, "proposed tokens kept")):
+            family = CounterMetricFamily(f"gpt2engine_spec_decode_{name}_tokens", what, labels=["proposer"])
+            family.add_metric([self.stats.proposer], value)
+            yield family
+
+
 class Metrics:
     def __init__(
         self, running: Callable[[], int], waiting: Callable[[], int], max_rows: int,
-        prefix_cache: PrefixCacheStats | None = None,
+        prefix_cache: PrefixCacheStats | None = None, speculation: SpeculationStats | None = None,
     ) -> None:
         self.registry = registry = CollectorRegistry()
         if prefix_cache is not None:
             registry.register(PrefixCacheCollector(prefix_cache))
+        if speculation is not None:
+            registry.register(SpeculationCollector(speculation))
         Gauge("gpt2engine_requests_running", "requests holding a cache row (prefilling or decoding)",
               registry=registry).set_function(running)
         Gauge("gpt2engine_requests_waiting", "requests queued for a cache row",

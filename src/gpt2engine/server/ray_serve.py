@@ -19,6 +19,7 @@ import threading
 from dataclasses import dataclass
 
 from gpt2engine.engine.prefix_cache import DEFAULT_PREFIX_CACHE_MIB
+from gpt2engine.engine.scheduler import DEFAULT_SPECULATIVE_TOKENS
 from gpt2engine.errors import GPT2EngineError
 from gpt2engine.server.app import RETRY_AFTER_SECONDS, create_app
 from gpt2engine.server.settings import DEFAULT_SHUTDOWN_TIMEOUT, Scaling, Settings
@@ -45,6 +46,9 @@ class ReplicaSpec:
     cuda_graphs: bool = True
     tokenizer: str | None = None
     prefix_cache_mib: float = DEFAULT_PREFIX_CACHE_MIB
+    speculative: str | None = None
+    speculative_tokens: int = DEFAULT_SPECULATIVE_TOKENS
+    speculative_dtype: str = "auto"
 
 
 class ReplicaHeader:
@@ -92,7 +96,9 @@ def application(spec: ReplicaSpec, scaling: Scaling, shutdown_timeout: float = D
             self.spec = spec
             self.engine = Engine(model, tokenizer, max_batch=spec.max_batch, max_queue=spec.max_queue,
                                  max_len=spec.max_model_len, prefill_chunk=spec.prefill_chunk,
-                                 cuda_graphs=spec.cuda_graphs, prefix_cache_mib=spec.prefix_cache_mib)
+                                 cuda_graphs=spec.cuda_graphs, prefix_cache_mib=spec.prefix_cache_mib,
+                                 speculative=spec.speculative, speculative_tokens=spec.speculative_tokens,
+                                 speculative_dtype=spec.speculative_dtype)
             self.name = serve.get_replica_context().replica_id.unique_id
 
         def __serve_build_asgi_app__(self):
