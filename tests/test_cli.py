@@ -181,6 +181,26 @@ def test_bad_steering_is_one_line_and_exit_2(tiny_checkpoint, tmp_path, steer, m
                           2, message)
 
 
+def test_generate_with_speculation_prints_the_same_and_its_acceptance(tiny_checkpoint):
+    prompt = "the cat sat on the mat and the cat sat on the mat and the cat sat on"
+    plain = run_gpt2("generate", prompt, "--model", str(tiny_checkpoint), *GREEDY_FLAGS, "--json")
+    speculating = run_gpt2("generate", prompt, "--model", str(tiny_checkpoint), *GREEDY_FLAGS, "--json",
+                           "--stats", "--speculative", "ngram", "--speculative-tokens", "3")
+    assert speculating.returncode == 0, speculating.stderr
+    shown, expected = json.loads(speculating.stdout), json.loads(plain.stdout)
+    speculative = shown.pop("speculative")
+    assert shown == expected and "speculative" not in expected
+    accepted, proposed = speculative["accepted_tokens"], speculative["proposed_tokens"]
+    assert speculative["proposer"] == "ngram" and 0 < accepted <= proposed
+    assert speculative["acceptance_rate"] == accepted / proposed
+    assert f"speculative: {accepted}/{proposed}" in speculating.stderr
+    model = ["--model", str(tiny_checkpoint), "--quiet"]
+    zero = run_gpt2("generate", "Hi", *model, "--speculative-tokens", "0")
+    assert_one_line_error(zero, 2, "--speculative-tokens")
+    absent = run_gpt2("generate", "Hi", *model, "--speculative", str(tiny_checkpoint / "absent"))
+    assert_one_line_error(absent, 1, "absent")
+
+
 def test_a_bad_flag_through_the_installed_command_is_one_line_and_exit_2():
     # every bad command line, in-process: tests/test_cli_flags.py
     result = run_gpt2("generate", "Hi", "--top-p", "1.5")

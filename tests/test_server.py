@@ -206,6 +206,23 @@ def test_steering_through_the_server_is_the_librarys(server, tiny_model):
     assert steered != server.post("/v1/completions", body).json()["choices"][0]["text"]
 
 
+def test_speculation_through_the_server_gives_the_same_and_counts(server, tiny_checkpoint):
+    speculating = Server(tiny_checkpoint, "--speculative", "ngram", "--max-batch", "4")
+    try:
+        body = {"prompt": "the cat sat on the mat and the cat sat on the mat and the cat sat on",
+                "max_tokens": 20, "ignore_eos": True, "logprobs": 2}
+        for settings in ({"temperature": 0}, {"temperature": 0.7, "seed": 5, "n": 3}):
+            theirs = server.post("/v1/completions", body | settings).json()
+            ours = speculating.post("/v1/completions", body | settings).json()
+            assert [c["text"] for c in ours["choices"]] == [c["text"] for c in theirs["choices"]]
+            assert [c["logprobs"] for c in ours["choices"]] == [c["logprobs"] for c in theirs["choices"]]
+        proposed = speculating.metric('gpt2engine_spec_decode_proposed_tokens_total{proposer="ngram"}')
+        accepted = speculating.metric('gpt2engine_spec_decode_accepted_tokens_total{proposer="ngram"}')
+        assert 0 < accepted <= proposed
+    finally:
+        assert speculating.stop()[0] == 0
+
+
 def test_echoed_logprobs_come_from_the_prefix_cache_the_same(tiny_checkpoint):
     """lm-eval's request shape: echo + logprobs, the same context before different answers."""
     context = "Full fathom five thy father lies; of his bones are coral made; " * 3
