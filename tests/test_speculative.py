@@ -155,8 +155,8 @@ def test_prompt_lookup_proposes_what_followed_the_latest_match():
     assert lookup([1, 2, 3, 9, 1, 2, 3, 7, 1, 2, 3], 2) == [7, 1]  # the latest "1 2 3" first
     assert lookup([5, 6, 7, 8, 6], 3) == [7, 8, 6]
     assert lookup([1, 2, 3], 2) == []
-    assert lookup([4, 8, 8, 8, 8, 8], 3) == [8, 8, 8]  # in a repetition: a match far enough back
-    assert lookup([4, 8, 8, 8, 8], 3) == [8, 8]  # the longest there is
+    assert lookup([4, 8, 8, 8, 8, 8, 8, 8], 3) == [8, 8, 8]  # in a repetition: a match far enough back
+    assert lookup([4, 8, 8, 8, 8], 3) == [8]  # the longest continuation the longest suffix has
 
 
 class Fixed:

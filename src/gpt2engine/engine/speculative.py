@@ -60,7 +60,7 @@ def lookup(tokens: list[int], k: int) -> list[int]:
     """The k tokens after the latest earlier occurrence of the longest suffix that has one; the
     latest whose continuation is k long (a match near the end, in a repetition, runs into it)."""
     for n in range(min(MAX_NGRAM, len(tokens) - 1), MIN_NGRAM - 1, -1):
-        suffix, best = tokens[-n:], []
+        suffix, best = tokens[-n:], list[int]()
         for start in range(len(tokens) - n - 1, -1, -1):  # latest first, not the suffix itself
             if tokens[start : start + n] == suffix:
                 following = tokens[start + n : start + n + k]
