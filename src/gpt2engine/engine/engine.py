@@ -231,9 +231,14 @@ class Engine:
                 logits.append(last[None])
         decoding = schedule.decode
         try:
+            started = time.perf_counter()
             drafts = self.speculation.propose(decoding, self.max_len) if self.speculation and decoding else {}
             if drafts:
+                assert self.speculation is not None
+                proposed = time.perf_counter()
                 rows = self.runner.verify(decoding, drafts)
+                self.speculation.timed(proposed - started, sum(map(len, drafts.values())),
+                                       time.perf_counter() - proposed)
                 outputs += self.accept(decoding + ready, rows + logits, drafts)
                 return outputs
             if decoding:

@@ -16,8 +16,10 @@ probability p(d), otherwise the token comes from p without d. So every request g
 bit for bit, that it gets without speculation, for any sampling setting and seed; only fewer steps.
 
 The number proposed adapts per request: up while all are accepted, down to one past the accepted
-ones when not, and a pause (no proposals) while the acceptance rate stays low. Under load it
-backs off: a step verifies at most `budget` positions (a batch already reuses the weights).
+ones when not, and a pause (no proposals) while the acceptance rate stays below what proposing
+costs (a draft model's time per proposed token over a step's time, measured as it runs; prompt
+lookup's is next to nothing). Under load it backs off: a step verifies at most `budget` positions
+(a batch already reuses the weights).
 """
 
 from __future__ import annotations
@@ -33,8 +35,8 @@ from gpt2engine.errors import GPT2EngineError
 from gpt2engine.kernels.step import DecodeStep
 from gpt2engine.model import GPT2
 
-LOW_ACCEPTANCE = 0.15  # below this (a running average) a request pauses speculating...
-PAUSE_STEPS = 16  # ...for this many steps, then tries one token again
+LOW_ACCEPTANCE = 0.15  # below this (a running average), or below what proposing costs, a request pauses...
+PAUSE_STEPS = 16  # ...for this many steps (twice as many each time in a row, up to 8 times), then tries one
 MAX_NGRAM, MIN_NGRAM = 3, 1  # prompt lookup: the longest suffix first (transformers: 2..1)
 
 
@@ -148,6 +150,7 @@ class Adaptive:
     tokens: int
     acceptance: float = 1.0  # running average of accepted / proposed
     paused: int = 0  # steps left without proposals
+    pauses: int = 0  # pauses since proposals were last all kept
 
 
 @dataclass
@@ -165,6 +168,7 @@ class Speculation:
     budget: int = SPECULATIVE_BUDGET
     adaptive: dict[str, Adaptive] = field(default_factory=dict)
     stats: SpeculationStats = field(init=False)
+    cost: float = 0.0  # running average: seconds proposing a token / seconds of the step verifying it
 
     def __post_init__(self) -> None:
         if not (isinstance(self.max_tokens, int) and 1 <= self.max_tokens <= 64):
@@ -192,6 +196,12 @@ class Speculation:
         proposals = self.proposer.propose(chosen, counts)
         return {r: p for r, p in zip(chosen, proposals, strict=True) if p}
 
+    def timed(self, proposing: float, proposed: int, verifying: float) -> None:
+        """A step's proposals took `proposing` seconds for `proposed` tokens, its verification
+        `verifying`: a proposal is worth it while more than this share of them is kept."""
+        if proposed and verifying > 0:
+            self.cost = 0.8 * self.cost + 0.2 * (proposing / proposed) / verifying
+
     def verified(self, request: Request, proposed: int, accepted: int) -> None:
         """How a request's proposals fared: the counts, and its next number of proposals."""
         self.stats.proposed += proposed
@@ -205,8 +215,10 @@ class Speculation:
         state.acceptance = 0.7 * state.acceptance + 0.3 * accepted / proposed
         all_kept = accepted == proposed
         state.tokens = min(state.tokens + 1, self.max_tokens) if all_kept else max(1, accepted + 1)
-        if state.acceptance < LOW_ACCEPTANCE:
-            state.paused, state.tokens, state.acceptance = PAUSE_STEPS, 1, 0.5
+        state.pauses = 0 if all_kept else state.pauses
+        if state.acceptance < max(LOW_ACCEPTANCE, 1.2 * self.cost):
+            state.paused, state.tokens, state.acceptance = PAUSE_STEPS << min(state.pauses, 3), 1, 0.5
+            state.pauses += 1
 
     def forget(self, request: Request) -> None:
         self.adaptive.pop(request.request_id, None)
