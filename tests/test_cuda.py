@@ -148,3 +148,22 @@ def test_hooked_requests_beside_graphed_ones(long_context):
     assert result.token_ids == on_cpu.token_ids
     for name, values in result.activations.items():
         assert (values - on_cpu.activations[name]).abs().max() < 1e-4, name
+
+
+def test_speculation_beside_cuda_graphs(long_context):
+    """On CUDA a request with proposals feeds them in one eager forward of its row while the others
+    replay the graphs: greedy tokens as without speculation."""
+    tokenizer = Tokenizer.from_pretrained(long_context)
+    model = GPT2.from_pretrained(long_context, device="cuda")
+    options = [GenerationOptions(max_new_tokens=20, sampling=GREEDY, ignore_eos=True)] * 3
+    prompts = [p + p for p in PROMPTS[:3]]  # repeated, so that prompt lookup finds matches
+
+    def run(speculative):
+        engine = Engine(model, tokenizer, max_batch=3, prefill_chunk=64, speculative=speculative)
+        requests = [engine.add_request(p, o) for p, o in zip(prompts, options, strict=True)]
+        list(engine.run(requests))
+        return [r.output_ids for r in requests], engine
+
+    (speculated, engine), (plain, _) = run("ngram"), run(None)
+    assert engine.runner.graphed is not None and engine.speculation.stats.proposed > 0
+    assert speculated == plain
