@@ -11,7 +11,8 @@ Workloads, 128 new tokens at batch 1:
 - copy-heavy: a 200-token passage, a blank line, and the passage's first 16 tokens again: the
   model goes on repeating the passage (greedy);
 - open-ended: the start of another passage, sampled (temperature 0.8, top-k 40, seeded).
-Modes: no speculation, prompt lookup (`ngram`), the draft model. Then 16 concurrent streams through
+Modes: no speculation, prompt lookup (`ngram`), the draft model in float32 and in int8 (a draft's
+weights are read once per proposal: the smaller, the cheaper). Then 16 concurrent streams through
 `gpt2 serve` (random prompts, greedy, 64 new tokens) with and without `--speculative ngram`.
 Reported: tokens/s (median of 3), the acceptance rate, and the ratios to no speculation.
 
@@ -97,7 +98,8 @@ def child(target: str, draft: str, workload: str, mode: str) -> dict:
     from gpt2engine import GPT2, Engine, GenerationOptions, SamplingParams, Tokenizer
 
     model, tokenizer = GPT2.from_pretrained(target), Tokenizer.from_pretrained(target)
-    speculative = {"off": None, "ngram": "ngram", "draft": GPT2.from_pretrained(draft)}[mode]
+    speculative = {"off": None, "ngram": "ngram", "draft": GPT2.from_pretrained(draft),
+                   "draft-int8": GPT2.from_pretrained(draft, dtype="int8")}[mode]
     engine = Engine(model, tokenizer, max_batch=1, speculative=speculative)
     prompt, sampling = workloads(tokenizer)[workload]
 
@@ -145,7 +147,8 @@ def main() -> None:
           "| same tokens |")
     print("|---|---|---|---|---|---|")
     for workload in ("copy-heavy", "open-ended"):
-        results = {mode: run_child(target, draft, workload, mode) for mode in ("off", "ngram", "draft")}
+        results = {mode: run_child(target, draft, workload, mode)
+                   for mode in ("off", "ngram", "draft", "draft-int8")}
         for mode, r in results.items():
             rate = f"{r['accepted']}/{r['proposed']}" if r["proposed"] else "-"
             ratio = r["tok_s"] / results["off"]["tok_s"]
