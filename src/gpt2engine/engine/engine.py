@@ -239,7 +239,7 @@ class Engine:
                 rows = self.runner.verify(decoding, drafts)
                 self.speculation.timed(proposed - started, sum(map(len, drafts.values())),
                                        time.perf_counter() - proposed)
-                outputs += self.accept(decoding + ready, rows + logits, drafts)
+                self.accept(decoding + ready, rows + logits, drafts, outputs)
                 return outputs
             if decoding:
                 logits.insert(0, self.runner.decode(decoding))
@@ -251,13 +251,13 @@ class Engine:
             outputs += [self.fail(r, error) for r in decoding + ready if not r.finished]
         return outputs
 
-    def accept(self, batch: list[Request], rows: list[torch.Tensor], drafts: dict[Request, list[int]]
-               ) -> list[StepOutput]:
+    def accept(self, batch: list[Request], rows: list[torch.Tensor], drafts: dict[Request, list[int]],
+               outputs: list[StepOutput]) -> None:
         """Each request's tokens from its logits rows (1 + k, V), position by position as plain
         decoding would draw them, while the drawn token equals the one proposed there; the first
-        that differs (or the one after the last proposal) is the model's own, and ends the step."""
+        that differs (or the one after the last proposal) is the model's own, and ends the step.
+        Into `outputs` as they come, so that an error midway loses none already produced."""
         assert self.speculation is not None
-        outputs: list[StepOutput] = []
         active, j = list(range(len(batch))), 0
         while active:
             requests = [batch[i] for i in active]
@@ -272,7 +272,6 @@ class Engine:
                 elif draft:
                     self.speculation.verified(request, len(draft), j + kept)
             active, j = going, j + 1
-        return outputs
 
     def fail(self, request: Request, error: Exception) -> StepOutput:
         message = str(error) if isinstance(error, GPT2EngineError) else f"internal error: {error!r}"
