@@ -115,9 +115,9 @@ def start_or_resume(out: Path, settings: Settings) -> dict:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise GPT2EngineError(f"{out} exists and is not an activation dataset; choose another --out "
                               f"(nothing was changed)")
-    return {"format": FORMAT, "settings": asdict(settings) | {"hooks": list(settings.hooks)}, "hooks": {},
-            "dtype": "float32",
-            "rows": 0, "tokens": 0, "shards": [], "complete": False}
+    # the hooks' shapes and the rows are the caller's to add, as it knows them
+    return {"format": FORMAT, "settings": asdict(settings) | {"hooks": list(settings.hooks)},
+            "dtype": "float32", "shards": [], "complete": False}
 
 
 def write_json(path: Path, data: dict) -> None:

@@ -231,8 +231,9 @@ class Engine:
                 logits.append(last[None])
         decoding = schedule.decode
         try:
-            started = time.perf_counter()
-            drafts = self.speculation.propose(decoding, self.max_len) if self.speculation and decoding else {}
+            drafts, started = {}, time.perf_counter()
+            if self.speculation is not None and decoding:
+                drafts = self.speculation.propose(decoding, self.max_len)
             if drafts:
                 assert self.speculation is not None
                 proposed = time.perf_counter()

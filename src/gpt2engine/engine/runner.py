@@ -18,7 +18,7 @@ from gpt2engine.engine.graphs import GraphedDecode
 from gpt2engine.engine.prefix_cache import RECORDED_TOP, Block, BlockLogprobs, PrefixCache
 from gpt2engine.engine.request import Request, TokenLogprob
 from gpt2engine.engine.scheduler import PrefillChunk
-from gpt2engine.hooks import NO_HOOKS
+from gpt2engine.hooks import NO_HOOKS, Hooks
 from gpt2engine.kernels import rows_argmax, rows_finite
 from gpt2engine.kernels.step import DecodeStep
 from gpt2engine.model import GPT2
@@ -162,26 +162,24 @@ class Runner:
             return self.decode_batch(requests)
         batch = [r for r in requests if r not in alone]
         by_request = dict(zip(batch, self.decode_batch(batch) if batch else [], strict=True))
-        by_request |= {r: self.decode_hooked(r, r.output_ids[-1], r.position) for r in alone}
+        by_request |= {r: self.decode_hooked(r) for r in alone}
         return torch.stack([by_request[r] for r in requests])
 
-    def decode_hooked(self, request: Request, token: int, position: int) -> torch.Tensor:
-        """Feed one token of a request that captures or steers, alone in its row -> logits (V,)."""
+    def decode_hooked(self, request: Request) -> torch.Tensor:
+        """Feed the last token of a request that captures or steers, alone in its row -> logits (V,)."""
         assert request.hooks is not None
-        device, row = self.model.device, request.held_row
-        view = [layer.rows(row, row + 1) for layer in self.cache]
+        position = request.position
         hooks = request.hooks.for_positions(position, position + 1)
-        logits = self.model(torch.tensor([[token]], device=device), torch.tensor([[position]], device=device),
-                            view, position + 1, hooks)
+        logits = self.feed_row(request, request.output_ids[-1:], hooks)
         request.hooks.keep(hooks, position + 1)
-        return logits[0, -1]
+        return logits[-1]
 
     @torch.inference_mode()
     def capture_last(self, request: Request) -> None:
         """A finishing request's last output token, which no step feeds, through the model for its
         activations, so they cover every token of the prompt and the output."""
         if request.hooks and request.hooks.capture and request.hooks.covered == request.position:
-            self.decode_hooked(request, request.output_ids[-1], request.position)
+            self.decode_hooked(request)
 
     @torch.inference_mode()
     def verify(self, requests: list[Request], drafts: dict[Request, list[int]]) -> list[torch.Tensor]:
@@ -196,12 +194,13 @@ class Runner:
         return [self.feed_row(r, [r.output_ids[-1], *drafts[r]]) if r in drafts else by_request[r][None]
                 for r in requests]
 
-    def feed_row(self, request: Request, tokens: list[int]) -> torch.Tensor:
+    def feed_row(self, request: Request, tokens: list[int], hooks: Hooks = NO_HOOKS) -> torch.Tensor:
         """Tokens into a request's row from its position, through the model's forward -> (T, V)."""
         device, row, start = self.model.device, request.held_row, request.position
         view = [layer.rows(row, row + 1) for layer in self.cache]
         positions = torch.arange(start, start + len(tokens), device=device)[None]
-        return self.model(torch.tensor([tokens], device=device), positions, view, start + len(tokens))[0]
+        ids = torch.tensor([tokens], device=device)
+        return self.model(ids, positions, view, start + len(tokens), hooks)[0]
 
     def fused(self, requests: list[Request], drafts: dict[Request, list[int]]) -> list[torch.Tensor]:
         """One fused step: each request's last token and its proposals, a step row each, in its

@@ -36,7 +36,7 @@ from gpt2engine.kernels.step import DecodeStep
 from gpt2engine.model import GPT2
 
 LOW_ACCEPTANCE = 0.15  # below this (a running average), or below what proposing costs, a request pauses...
-PAUSE_STEPS = 16  # ...for this many steps (twice as many each time in a row, up to 8 times), then tries one
+PAUSE_STEPS = 16  # ...for this many steps (doubling each pause in a row, at most 8 times), then tries one
 MAX_NGRAM, MIN_NGRAM = 3, 1  # prompt lookup: the longest suffix first (transformers: 2..1)
 
 
