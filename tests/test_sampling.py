@@ -70,6 +70,16 @@ def test_top_k(logits, history, k):
     assert_same(apply_top_k(logits, k), TopKLogitsWarper(k)(history, logits.clone()))
 
 
+def test_top_k_per_row_keeps_ties_and_lets_rows_off():
+    """A (B,) k, read from the top max(k) of each row: ties with the k-th stay, k >= V keeps all."""
+    logits = torch.tensor([[3.0, 1.0, 2.0, 2.0, 0.0], [0.0, 5.0, 4.0, 3.0, 2.0],
+                           [1.0, 1.0, 1.0, 1.0, 1.0], [9.0, 8.0, 7.0, 6.0, 5.0]])
+    kept = ~torch.isinf(apply_top_k(logits, torch.tensor([2, 1, 3, 5])))
+    assert kept.tolist() == [[True, False, True, True, False], [False, True, False, False, False],
+                             [True] * 5, [True] * 5]
+    assert torch.equal(apply_top_k(logits, torch.tensor([5, 7, 5, 5])), logits)
+
+
 @pytest.mark.parametrize("p", [0.01, 0.5, 0.9, 1.0])
 def test_top_p(logits, history, p):
     assert_same(apply_top_p(logits, p), TopPLogitsWarper(p)(history, logits.clone()))
@@ -165,6 +175,19 @@ def test_draw_follows_the_distribution():
     n = 20000
     tokens = draw(probs.log().expand(n, 4), torch.full((n,), 3), torch.arange(n))
     assert torch.allclose(torch.bincount(tokens, minlength=4) / n, probs, atol=0.015)
+
+
+def test_a_draw_after_filters_races_the_tokens_left_as_a_full_race_would():
+    """Where filters left few tokens, only theirs are raced: the same token as racing them all."""
+    torch.manual_seed(3)
+    logits = torch.randn(6, 3000) * 2
+    filtered = apply_top_k(logits, torch.tensor([1, 5, 40, 3000, 700, 2]))  # a row left whole, too
+    for seed in range(20):
+        seeds, draws = torch.full((6,), seed), torch.arange(6) * 7
+        full = (filtered.log_softmax(-1) - exponential_noise(seeds, draws, 3000).log()).argmax(-1)
+        assert torch.equal(draw(filtered, seeds, draws), full)
+        assert torch.equal(draw(filtered[:3], seeds[:3], draws[:3]), full[:3])  # 46 of 9000 raced
+        assert torch.equal(draw(filtered[3:5], seeds[3:5], draws[3:5]), full[3:5])  # all of them
 
 
 def test_filtered_tokens_are_never_drawn(logits):

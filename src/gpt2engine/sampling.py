@@ -45,13 +45,16 @@ def apply_temperature(logits: torch.Tensor, temperature: Param) -> torch.Tensor:
 
 
 def apply_top_k(logits: torch.Tensor, k: int | torch.Tensor) -> torch.Tensor:
-    # (B, V) -> (B, V), keeping the k largest logits of each row (and any tied with the k-th)
+    # (B, V) -> (B, V), keeping the k largest logits of each row (and any tied with the k-th);
+    # a row whose k is V or more keeps them all. Read from the rows' top max(k), not a full sort.
     V = logits.shape[-1]
-    if not isinstance(k, torch.Tensor):
-        kth_largest = torch.topk(logits, min(k, V)).values[..., -1:]
-    else:
-        descending = logits.sort(dim=-1, descending=True).values
-        kth_largest = descending.gather(-1, (k.clamp(1, V) - 1)[:, None])
+    k = torch.as_tensor(k, device=logits.device).clamp(1, V).expand(logits.shape[0])
+    filters = k < V
+    most = int(torch.where(filters, k, 0).max())  # one read from the device
+    if not most:
+        return logits
+    kth_largest = torch.topk(logits, most).values.gather(-1, (k.clamp(max=most) - 1)[:, None])
+    kth_largest = kth_largest.masked_fill(~filters[:, None], float("-inf"))
     return logits.masked_fill(logits < kth_largest, float("-inf"))
 
 
@@ -172,9 +175,18 @@ def as_int64(seed: int) -> int:
 
 def exponential_noise(seeds: torch.Tensor, draws: torch.Tensor, vocab_size: int) -> torch.Tensor:
     # seeds: (B,) int64, draws: (B,) int64 the index of this draw in the row -> Exp(1) noise (B, V)
-    key = mix64(seeds ^ mix64(draws * GOLDEN + 1))  # (B,)
-    tokens = torch.arange(vocab_size, device=seeds.device) * GOLDEN  # (V,)
-    bits = mix64(key[:, None] + tokens)  # (B, V)
+    tokens = torch.arange(vocab_size, device=seeds.device)
+    return noise_at(draw_keys(seeds, draws)[:, None], tokens)
+
+
+def draw_keys(seeds: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
+    # seeds, draws: (B,) int64 -> (B,) int64, the key of each row's draw
+    return mix64(seeds ^ mix64(draws * GOLDEN + 1))
+
+
+def noise_at(keys: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    # keys, tokens: int64 of one shape (or broadcasting) -> Exp(1) noise of those draws' tokens
+    bits = mix64(keys + tokens * GOLDEN)
     uniform = (shift_right(bits, 40).float() + 0.5) * 2.0**-24  # in (0, 1), 24 random bits
     return -torch.log(uniform)
 
@@ -182,5 +194,15 @@ def exponential_noise(seeds: torch.Tensor, draws: torch.Tensor, vocab_size: int)
 def draw(logits: torch.Tensor, seeds: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
     # logits: (B, V), seeds, draws: (B,) int64 -> token ids (B,)
     # argmax(p / E) with E ~ Exp(1) picks token i with probability p_i (the exponential race).
-    noise = exponential_noise(seeds, draws, logits.shape[-1])
-    return (logits.float().log_softmax(dim=-1) - noise.log()).argmax(dim=-1)
+    # A token filtered to -inf never wins, so where filters left few (top-k, top-p), the noise is
+    # computed for the others only: the same values, a fraction of the work.
+    scores = logits.float().log_softmax(dim=-1)
+    B, V = scores.shape
+    candidates = torch.isfinite(scores)
+    rows, tokens = candidates.nonzero(as_tuple=True)
+    if len(rows) > B * V // 4:
+        return (scores - exponential_noise(seeds, draws, V).log()).argmax(dim=-1)
+    keys = draw_keys(seeds, draws)[rows]
+    raced = torch.full_like(scores, float("-inf"))
+    raced[rows, tokens] = scores[rows, tokens] - noise_at(keys, tokens).log()
+    return raced.argmax(dim=-1)
