@@ -48,7 +48,7 @@ def test_a_row_is_bit_identical_alone_and_in_any_batch():
     w, b = torch.randn(2305, 768) * 0.02, torch.randn(2305)
     batch = torch.randn(MAX_ROWS, 768)
     together = linear(batch, w, b)
-    for rows in (1, 2, 5, 16, MAX_ROWS):
+    for rows in (1, 2, 3, 5, 6, 7, 16, MAX_ROWS):  # blocks of 4 rows, then 1, 2 or 3
         part = linear(batch[:rows], w, b)
         assert torch.equal(part, together[:rows])
     assert torch.equal(linear(batch[7:8], w, b), together[7:8])
@@ -106,7 +106,7 @@ def test_every_format_is_bit_identical_alone_and_in_any_batch(fmt):
     w, b = encode(torch.randn(2305, 768) * 0.02, fmt), torch.randn(2305)
     batch = torch.randn(MAX_ROWS, 768)
     together = linear(batch, w[0], b, w[1])
-    for rows in (1, 2, 5, 16):
+    for rows in (1, 2, 3, 5, 6, 7, 16):
         assert torch.equal(linear(batch[:rows], w[0], b, w[1]), together[:rows])
     assert torch.equal(linear(batch[9:10], w[0], b, w[1]), together[9:10])
 

@@ -2,7 +2,7 @@
  *
  * Decoding reads every weight once per token, so its speed is memory bandwidth: each block of 4
  * weight rows is read from memory once and stays in cache while the rows of x pass over it, 4 at
- * a time (16 sums in registers), the rest one at a time; the next block is prefetched meanwhile.
+ * a time (16 sums in registers), the last 1 to 3 together; the next block is prefetched meanwhile.
  * Smaller weights stream faster: bfloat16 (a float32 cut to its top 16 bits) is widened to float32
  * in registers, so x and the sums stay float32; int8 (per output row, w = scale * q) meets x
  * quantized to int8 in integer sums (linear_int8.h).

@@ -8,7 +8,7 @@ static inline float NAME(finish)(vec lanes, const float *x, const W_T *w, int fr
     return s;
 }
 
-/* R (1 or 4) rows of x against 4 rows of W -> out[r][c] = x[r] . w[c]. */
+/* R (1 to 4) rows of x against 4 rows of W -> out[r][c] = x[r] . w[c]. */
 static inline void NAME(block)(const float *x, size_t ldx, int R, const W_T *w, size_t ldw, int n,
                                float out[4][4], int prefetch) {
     vec acc[4][4];
@@ -54,12 +54,17 @@ static void NAME(blocks)(const float *x, const W_T *W, const float *scale, const
             int o = 4 * blk, n = out - o < 4 ? out - o : 4;
             const W_T *w = W + (size_t)o * in;
             for (int m = tile; m < tile_end;) {
-                int R = (n == 4 && tile_end - m >= 4) ? 4 : 1;
+                int R = n == 4 && !one_stream ? (tile_end - m < 4 ? tile_end - m : 4) : 1;
                 float s[4][4];
                 if (n == 4 && !one_stream) {
                     int ahead = m == 0 && blk + AHEAD / 4 + 1 <= last;  /* once per weight block */
-                    if (R == 4) NAME(block)(x + (size_t)m * in, in, 4, w, in, in, s, ahead);
-                    else NAME(block)(x + (size_t)m * in, in, 1, w, in, in, s, ahead);
+                    const float *xm = x + (size_t)m * in;
+                    switch (R) {  /* each a constant, so the sums stay in registers */
+                    case 4: NAME(block)(xm, in, 4, w, in, in, s, ahead); break;
+                    case 3: NAME(block)(xm, in, 3, w, in, in, s, ahead); break;
+                    case 2: NAME(block)(xm, in, 2, w, in, in, s, ahead); break;
+                    default: NAME(block)(xm, in, 1, w, in, in, s, ahead);
+                    }
                 } else {
                     int ahead = PREFETCH_ONE_ROW && one_stream && blk + AHEAD / 4 + 1 <= last;
                     for (int c = 0; c < n; c++)

@@ -96,13 +96,27 @@ static inline void vstore_i8(int8_t *p, vec whole) { *p = (int8_t)whole; }
 
 static inline vec vload(const float *p) { return widen_f32(p); }
 
-/* The lanes of a sum added in a fixed order. */
-static inline float reduce(vec v) {
-    float lanes[VL], s = 0.0f;
-    vstore(lanes, v);
-    for (int l = 0; l < VL; l++) s += lanes[l];
-    return s;
+/* The lanes of a sum added in a fixed order: halves pairwise, down to one (a few instructions,
+ * where adding the lanes one after another was a chain of VL dependent additions per sum). */
+#if VL > 1
+static inline float reduce4(__m128 q) {
+    q = _mm_add_ps(q, _mm_movehl_ps(q, q));  /* lanes 0+2, 1+3 */
+    return _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
 }
+static inline float reduce8(__m256 h) {
+    return reduce4(_mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+}
+#endif
+#if VL == 16
+static inline float reduce(vec v) {
+    __m256 high = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
+    return reduce8(_mm256_add_ps(_mm512_castps512_ps256(v), high));
+}
+#elif VL == 8
+static inline float reduce(vec v) { return reduce8(v); }
+#else
+static inline float reduce(vec v) { return v; }
+#endif
 
 /* The largest lane (NaN-free input). */
 static inline float reduce_max(vec v) {
