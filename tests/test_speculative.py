@@ -181,20 +181,57 @@ def test_proposals_adapt_pause_and_back_off_under_load(tiny_model):
     for r in requests:
         r.row = requests.index(r)
     speculation = Speculation(Fixed(), max_tokens=5)
+    assert speculation.propose(requests[:1], 1024) == {}  # the first step runs plain, to time one
+    speculation.timed_plain(0.010, 1)
     assert [len(d) for d in speculation.propose(requests[:1], 1024).values()] == [5]
     assert [len(d) for d in speculation.propose(requests[:16], 1024).values()] == [1] * 16  # 32 / 16 - 1
     assert speculation.propose(requests, 1024) == {}  # 40 rows: a batch already reuses the weights
-    one = requests[0]
+    one, state = requests[0], speculation.adaptive[requests[0].request_id]
+    speculation.cost = 0.1  # a proposal costs a tenth of a step
     speculation.verified(one, 5, 5)
-    assert speculation.adaptive[one.request_id].tokens == 5
+    assert state.tokens == 5
     speculation.verified(one, 5, 1)
-    assert speculation.adaptive[one.request_id].tokens == 2
-    for _ in range(6):
-        speculation.verified(one, 2, 0)
-    assert speculation.adaptive[one.request_id].paused == PAUSE_STEPS
+    assert state.tokens == 5 and math.isclose(state.acceptance, 0.7 + 0.3 * 0.5)
+    speculation.verified(one, 5, 0)
+    assert state.tokens == 3  # kept with chance 0.6: 1 + .6 + .36 + .22 tokens in 1.3 steps, the best
+    while not state.paused:
+        speculation.verified(one, 1, 0)
+    assert state.paused == PAUSE_STEPS and state.acceptance < 0.16  # (1 + a) / 1.1 > 1.05 no more
     for _ in range(PAUSE_STEPS):
         assert one not in speculation.propose([one], 1024)
-    assert len(speculation.propose([one], 1024)[one]) == 1
+    assert len(speculation.propose([one], 1024)[one]) == 1  # then one, to see
+    speculation.verified(one, 1, 0)
+    assert state.paused == 2 * PAUSE_STEPS  # longer each time in a row
+
+
+@pytest.mark.parametrize(("acceptance", "cost", "best"), [(1.0, 0.1, 5), (0.6, 0.1, 3), (0.9, 0.0, 5),
+                                                           (0.3, 0.5, 0), (0.02, 0.0, 0), (0.5, 0.2, 1)])
+def test_the_number_proposed_is_the_one_with_the_most_tokens_a_second(acceptance, cost, best):
+    speculation = Speculation(Fixed(), max_tokens=5)
+    speculation.cost = cost
+    gains = [sum(acceptance**i for i in range(k + 1)) / (1 + k * cost) for k in range(6)]
+    assert speculation.best_count(acceptance) == best
+    assert best == 0 or (gains[best] == max(gains) and gains[best] > 1.05)
+
+
+def test_a_proposal_costs_its_proposing_and_its_verification_row(tiny_model):
+    """Against a 10 ms plain step, a proposal that takes 1 ms to make and adds 2 ms of verifying
+    costs 0.3 steps: a request whose proposals are not kept pauses; one whose first is kept half the
+    time goes on with one (1.5 tokens for 1.3 steps)."""
+    model, tokenizer = tiny_model
+    engine = Engine(model, tokenizer, max_batch=2)
+    low, high = (engine.add_request("hello", GenerationOptions(max_new_tokens=50)) for _ in range(2))
+    speculation = Speculation(Fixed(), max_tokens=4)
+    speculation.timed_plain(0.010, 2)
+    for _ in range(40):
+        speculation.timed(0.004, 4, 0.018, 6)  # 4 proposals: 1 ms each, and 8 ms more than the plain step
+    assert math.isclose(speculation.cost, 0.3, rel_tol=1e-3)
+    speculation.propose([low, high], 1024)
+    for _ in range(10):
+        speculation.verified(low, 2, 0)
+        speculation.verified(high, 2, 1)
+    assert speculation.adaptive[low.request_id].paused and not speculation.adaptive[high.request_id].paused
+    assert speculation.adaptive[high.request_id].tokens == 1
 
 
 def test_bad_speculation_settings(tiny_model, make_checkpoint):

@@ -11,13 +11,14 @@ from __future__ import annotations
 import itertools
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import replace
 
 import torch
 
 from gpt2engine.engine.prefix_cache import DEFAULT_PREFIX_CACHE_MIB, PrefixCache
 from gpt2engine.engine.request import FinishReason, GenerationOptions, Request, Status, StepOutput, TextState
-from gpt2engine.engine.runner import Runner
+from gpt2engine.engine.runner import Runner, Sampled
 from gpt2engine.engine.scheduler import DEFAULT_MAX_QUEUE, DEFAULT_PREFILL_CHUNK, Scheduler
 from gpt2engine.engine.speculative import DEFAULT_SPECULATIVE_TOKENS, DraftModel, PromptLookup, Speculation
 from gpt2engine.errors import GPT2EngineError
@@ -238,12 +239,15 @@ class Engine:
                 assert self.speculation is not None
                 proposed = time.perf_counter()
                 rows = self.runner.verify(decoding, drafts)
-                self.speculation.timed(proposed - started, sum(map(len, drafts.values())),
-                                       time.perf_counter() - proposed)
+                count = sum(map(len, drafts.values()))
+                self.speculation.timed(proposed - started, count, time.perf_counter() - proposed,
+                                       len(decoding) + count)
                 self.accept(decoding + ready, rows + logits, drafts, outputs)
                 return outputs
             if decoding:
                 logits.insert(0, self.runner.decode(decoding))
+                if self.speculation is not None:
+                    self.speculation.timed_plain(time.perf_counter() - started, len(decoding))
             batch = decoding + ready
             if batch:
                 joined = logits[0] if len(logits) == 1 else torch.cat(logits)
@@ -259,10 +263,11 @@ class Engine:
         that differs (or the one after the last proposal) is the model's own, and ends the step.
         Into `outputs` as they come, so that an error midway loses none already produced."""
         assert self.speculation is not None
+        draw = self.positions_drawn(batch, rows)
         active, j = list(range(len(batch))), 0
         while active:
             requests = [batch[i] for i in active]
-            sampled = self.runner.sample(requests, torch.stack([rows[i][j] for i in active]))
+            sampled = draw(active, j)
             outputs += self.postprocess(requests, sampled)
             going = []
             for i, token in zip(active, sampled.tokens, strict=True):
@@ -273,6 +278,19 @@ class Engine:
                 elif draft:
                     self.speculation.verified(request, len(draft), j + kept)
             active, j = going, j + 1
+
+    def positions_drawn(self, batch: list[Request], rows: list[torch.Tensor]
+                        ) -> Callable[[list[int], int], Sampled]:
+        """(requests i, position j) -> their tokens there. Where every token is an argmax, all
+        positions are read at once, else each position is drawn after the one before it (a draw's
+        counter and penalties depend on the tokens before)."""
+        if not self.runner.argmax_only(batch):
+            return lambda active, j: self.runner.sample([batch[i] for i in active],
+                                                         torch.stack([rows[i][j] for i in active]))
+        every = self.runner.greedy(rows[0] if len(rows) == 1 else torch.cat(rows))
+        first = [0, *itertools.accumulate(len(r) for r in rows)]
+        return lambda active, j: Sampled([every.tokens[first[i] + j] for i in active], [None] * len(active),
+                                         [every.finite[first[i] + j] for i in active])
 
     def fail(self, request: Request, error: Exception) -> StepOutput:
         message = str(error) if isinstance(error, GPT2EngineError) else f"internal error: {error!r}"

@@ -266,10 +266,16 @@ class Runner:
         # (n, V) -> (n, V) float32, over the tokens the tokenizer knows
         return self.known_tokens(logits).log_softmax(dim=-1)
 
+    @staticmethod
+    def argmax_only(requests: list[Request]) -> bool:
+        """Whether every request's token is the argmax of its logits: no draw, penalty or logprob
+        depends on the tokens before it, so many positions can be read at once."""
+        return all(r.options.sampling.argmax_only and r.options.logprobs is None for r in requests)
+
     @torch.inference_mode()
     def sample(self, requests: list[Request], logits: torch.Tensor) -> Sampled:
         """The next token of each request from its logits (n, V), each with its own settings."""
-        if all(r.options.sampling.argmax_only and r.options.logprobs is None for r in requests):
+        if self.argmax_only(requests):
             return self.greedy(logits)  # the common case, in a few small steps
         device = logits.device
         rows = torch.tensor([r.row for r in requests], device=device)

@@ -22,7 +22,7 @@ from gpt2engine.errors import GPT2EngineError
 
 DEFAULT_MAX_QUEUE = 64  # requests waiting for a cache row
 DEFAULT_PREFILL_CHUNK = 256  # prompt tokens prefilled per step while other rows decode
-DEFAULT_SPECULATIVE_TOKENS = 4  # the most tokens proposed for a request a step (speculative.py)
+DEFAULT_SPECULATIVE_TOKENS = 8  # the most tokens proposed for a request a step (speculative.py)
 SPECULATIVE_BUDGET = 32  # positions a step verifies, all rows together, before speculation backs off
 
 

@@ -15,11 +15,11 @@ masses (greedy), for which this is Leviathan et al.'s rejection rule: a proposal
 probability p(d), otherwise the token comes from p without d. So every request gets the tokens,
 bit for bit, that it gets without speculation, for any sampling setting and seed; only fewer steps.
 
-The number proposed adapts per request: up while all are accepted, down to one past the accepted
-ones when not, and a pause (no proposals) while the acceptance rate stays below what proposing
-costs (a draft model's time per proposed token over a step's time, measured as it runs; prompt
-lookup's is next to nothing). Under load it backs off: a step verifies at most `budget` positions
-(a batch already reuses the weights).
+The number proposed adapts per request, to the one with the most tokens per second expected from
+the request's acceptance so far and what a proposal costs: the time to propose it (a draft model's
+step; prompt lookup's is next to nothing) and its row of the verifying step, over a plain step's
+time, measured as it runs. Where no number is worth it, the request pauses, then tries one. Under
+load it backs off: a step verifies at most `budget` positions (a batch already reuses the weights).
 """
 
 from __future__ import annotations
@@ -32,10 +32,11 @@ import torch
 from gpt2engine.engine.request import Request
 from gpt2engine.engine.scheduler import DEFAULT_SPECULATIVE_TOKENS, SPECULATIVE_BUDGET
 from gpt2engine.errors import GPT2EngineError
+from gpt2engine.kernels import rows_argmax
 from gpt2engine.kernels.step import DecodeStep
 from gpt2engine.model import GPT2
 
-LOW_ACCEPTANCE = 0.15  # below this (a running average), or below what proposing costs, a request pauses...
+MARGIN = 1.05  # proposals are made where they are expected to gain more than this; else a pause...
 PAUSE_STEPS = 16  # ...for this many steps (doubling each pause in a row, at most 8 times), then tries one
 MAX_NGRAM, MIN_NGRAM = 3, 1  # prompt lookup: the longest suffix first (transformers: 2..1)
 
@@ -100,7 +101,7 @@ class DraftModel:
             self.held[r.held_row] = (r.request_id, tokens)
         logits, active = self.feed(feeds), list(range(len(requests)))
         while True:
-            chosen = logits[:, : self.vocab_limit].argmax(-1).tolist()
+            chosen = rows_argmax(logits[:, : self.vocab_limit]).tolist()
             for i, token in zip(active, chosen, strict=True):
                 proposals[i].append(token)
             active = [i for i in active if len(proposals[i]) < counts[i]]
@@ -121,8 +122,9 @@ class DraftModel:
             where = [start + i for _, ts, start in feeds for i in range(len(ts))]
             rows = [row for row, ts, _ in feeds for _ in ts]
             logits = self.step(tokens, where, rows=rows)
-            ends = torch.tensor([len(ts) for _, ts, _ in feeds]).cumsum(0) - 1
-            return logits[ends]
+            if len(tokens) == len(feeds):  # a token each, as every proposal after the first
+                return logits
+            return logits[torch.tensor([len(ts) for _, ts, _ in feeds]).cumsum(0) - 1]
         out = []
         device = self.model.device
         for row, tokens, start in feeds:  # a prompt's worth: the prefill path
@@ -148,9 +150,9 @@ class Adaptive:
     """One request's number of proposed tokens, as its acceptance goes."""
 
     tokens: int
-    acceptance: float = 1.0  # running average of accepted / proposed
+    acceptance: float = 1.0  # running average: the chance a proposal is kept, those before it kept
     paused: int = 0  # steps left without proposals
-    pauses: int = 0  # pauses since proposals were last all kept
+    pauses: int = 0  # pauses in a row, less one for each step whose proposals were all kept
 
 
 @dataclass
@@ -168,7 +170,8 @@ class Speculation:
     budget: int = SPECULATIVE_BUDGET
     adaptive: dict[str, Adaptive] = field(default_factory=dict)
     stats: SpeculationStats = field(init=False)
-    cost: float = 0.0  # running average: seconds proposing a token / seconds of the step verifying it
+    cost: float = 0.0  # running average: a proposal's seconds (proposing, verifying its row) / a plain step's
+    plain: tuple[float, float] = (0.0, 0.0)  # running averages: seconds of a step without proposals, its rows
 
     def __post_init__(self) -> None:
         if not (isinstance(self.max_tokens, int) and 1 <= self.max_tokens <= 64):
@@ -179,6 +182,8 @@ class Speculation:
     def propose(self, decoding: list[Request], max_len: int) -> dict[Request, list[int]]:
         """This step's proposals for the requests decoding (none for those that capture or steer,
         are paused, or have no room)."""
+        if self.plain == (0.0, 0.0):
+            return {}  # the first step runs plain, to time one: what a kept proposal saves
         room_per_row = self.budget // max(1, len(decoding)) - 1  # under load: fewer, then none
         chosen, counts = [], []
         for r in decoding:
@@ -196,11 +201,35 @@ class Speculation:
         proposals = self.proposer.propose(chosen, counts)
         return {r: p for r, p in zip(chosen, proposals, strict=True) if p}
 
-    def timed(self, proposing: float, proposed: int, verifying: float) -> None:
-        """A step's proposals took `proposing` seconds for `proposed` tokens, its verification
-        `verifying`: a proposal is worth it while more than this share of them is kept."""
-        if proposed and verifying > 0:
-            self.cost = 0.8 * self.cost + 0.2 * (proposing / proposed) / verifying
+    def timed_plain(self, seconds: float, rows: int) -> None:
+        """A step without proposals took `seconds` for `rows` rows."""
+        (time_, rows_), first = self.plain, self.plain == (0.0, 0.0)
+        self.plain = (seconds, rows) if first else (0.8 * time_ + 0.2 * seconds, 0.8 * rows_ + 0.2 * rows)
+
+    def timed(self, proposing: float, proposed: int, verifying: float, rows: int) -> None:
+        """A step's proposals took `proposing` seconds for `proposed` tokens, and verifying them
+        and the rows without proposals (`rows` in all) `verifying`. A proposal costs its share of
+        the proposing and its row of the verification, against a plain step's time, which is what
+        a kept proposal saves: it is worth it while more than that share of them is kept."""
+        plain, plain_rows = self.plain
+        if not (proposed and plain > 0):
+            return
+        per_row = max(0.0, verifying - plain) / max(1.0, rows - plain_rows)
+        cost = (proposing / proposed + per_row) / plain
+        self.cost = cost if self.cost == 0 else 0.8 * self.cost + 0.2 * cost
+
+    def best_count(self, acceptance: float) -> int:
+        """The number of proposals with the most tokens per second, where each is kept with chance
+        `acceptance` once those before it are and costs `cost` steps: k gives 1 + a + ... + a^k
+        tokens in 1 + k cost steps. 0 (no proposals) unless that gains more than MARGIN."""
+        best, best_gain, tokens, chance = 0, MARGIN, 1.0, 1.0
+        for k in range(1, self.max_tokens + 1):
+            chance *= acceptance
+            tokens += chance
+            gain = tokens / (1 + k * self.cost)
+            if gain > best_gain:
+                best, best_gain = k, gain
+        return best
 
     def verified(self, request: Request, proposed: int, accepted: int) -> None:
         """How a request's proposals fared: the counts, and its next number of proposals."""
@@ -212,12 +241,15 @@ class Speculation:
         state = self.adaptive.get(request.request_id)
         if state is None:  # the request has finished (forgotten)
             return
-        state.acceptance = 0.7 * state.acceptance + 0.3 * accepted / proposed
-        all_kept = accepted == proposed
-        state.tokens = min(state.tokens + 1, self.max_tokens) if all_kept else max(1, accepted + 1)
-        state.pauses = 0 if all_kept else state.pauses
-        if state.acceptance < max(LOW_ACCEPTANCE, 1.2 * self.cost):
-            state.paused, state.tokens, state.acceptance = PAUSE_STEPS << min(state.pauses, 3), 1, 0.5
+        tried = accepted + (accepted < proposed)  # up to the first proposal not kept
+        state.acceptance = 0.7 * state.acceptance + 0.3 * accepted / tried
+        best = self.best_count(state.acceptance)
+        if best:
+            state.tokens = best
+            if accepted == proposed:  # a lucky probe does not undo the pauses before; a run of them does
+                state.pauses = max(0, state.pauses - 1)
+        else:  # a pause, then one proposal to see whether it has become worth it
+            state.paused, state.tokens = PAUSE_STEPS << min(state.pauses, 3), 1
             state.pauses += 1
 
     def forget(self, request: Request) -> None:
