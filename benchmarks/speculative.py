@@ -14,9 +14,11 @@ Workloads, 128 new tokens at batch 1:
 Modes: no speculation, prompt lookup (`ngram`), the draft model in float32 and in int8 (a draft's
 weights are read once per proposal: the smaller, the cheaper). Then 16 concurrent streams through
 `gpt2 serve` (random prompts, greedy, 64 new tokens) with and without `--speculative ngram`.
-Reported: tokens/s (median of 3), the acceptance rate, and the ratios to no speculation.
+Each measurement (3 generations after a warm-up, their median) is a child process; the modes take
+turns, 3 rounds, so that a drift of the shared machine's speed falls on all of them. Reported: the
+median tokens/s over the rounds, the acceptance rate, and the ratios to no speculation.
 
-Run: .venv/bin/python benchmarks/speculative.py [--train-steps 400]
+Run: .venv/bin/python benchmarks/speculative.py [--train-steps 400] [--speculative-tokens K]
 """
 
 from __future__ import annotations
@@ -94,13 +96,15 @@ def workloads(tokenizer) -> dict[str, tuple[list[int], dict]]:
             "open-ended": (ids[40000:40064], dict(temperature=0.8, top_k=40, seed=1))}
 
 
-def child(target: str, draft: str, workload: str, mode: str) -> dict:
+def child(target: str, draft: str, workload: str, mode: str, tokens: str) -> dict:
     from gpt2engine import GPT2, Engine, GenerationOptions, SamplingParams, Tokenizer
+    from gpt2engine.engine.scheduler import DEFAULT_SPECULATIVE_TOKENS
 
     model, tokenizer = GPT2.from_pretrained(target), Tokenizer.from_pretrained(target)
     speculative = {"off": None, "ngram": "ngram", "draft": GPT2.from_pretrained(draft),
                    "draft-int8": GPT2.from_pretrained(draft, dtype="int8")}[mode]
-    engine = Engine(model, tokenizer, max_batch=1, speculative=speculative)
+    engine = Engine(model, tokenizer, max_batch=1, speculative=speculative,
+                    speculative_tokens=int(tokens) if tokens else DEFAULT_SPECULATIVE_TOKENS)
     prompt, sampling = workloads(tokenizer)[workload]
 
     def once() -> tuple[float, object]:
@@ -136,19 +140,26 @@ def serving(target: str, speculative: bool) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--train-steps", type=int, default=400)
-    parser.add_argument("--child", nargs=4)
+    parser.add_argument("--speculative-tokens", default="",
+                        help="the most proposed a step (default: the engine's)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--child", nargs=5)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(*args.child)))
         return
     target, draft = (str(train(name, args.train_steps)) for name in ("target", "draft"))
-    print(f"target {MODELS['target']}, draft {MODELS['draft']}, both trained {args.train_steps} steps; CPU")
+    print(f"target {MODELS['target']}, draft {MODELS['draft']}, both trained {args.train_steps} steps; CPU; "
+          f"speculative tokens {args.speculative_tokens or 'default'}; {args.rounds} rounds")
     print("\n| workload (batch 1, 128 tokens) | speculation | tokens/s | x off | accepted / proposed "
           "| same tokens |")
     print("|---|---|---|---|---|---|")
+    modes = ("off", "ngram", "draft", "draft-int8")
     for workload in ("copy-heavy", "open-ended"):
-        results = {mode: run_child(target, draft, workload, mode)
-                   for mode in ("off", "ngram", "draft", "draft-int8")}
+        rounds = [{mode: run_child(target, draft, workload, mode, args.speculative_tokens) for mode in modes}
+                  for _ in range(args.rounds)]
+        results = {mode: {**rounds[-1][mode], "tok_s": statistics.median(r[mode]["tok_s"] for r in rounds)}
+                   for mode in modes}
         for mode, r in results.items():
             rate = f"{r['accepted']}/{r['proposed']}" if r["proposed"] else "-"
             ratio = r["tok_s"] / results["off"]["tok_s"]
