@@ -203,8 +203,10 @@ class Speculation:
 
     def timed_plain(self, seconds: float, rows: int) -> None:
         """A step without proposals took `seconds` for `rows` rows."""
-        (time_, rows_), first = self.plain, self.plain == (0.0, 0.0)
-        self.plain = (seconds, rows) if first else (0.8 * time_ + 0.2 * seconds, 0.8 * rows_ + 0.2 * rows)
+        if self.plain == (0.0, 0.0):
+            self.plain = (seconds, rows)
+        else:
+            self.plain = (0.8 * self.plain[0] + 0.2 * seconds, 0.8 * self.plain[1] + 0.2 * rows)
 
     def timed(self, proposing: float, proposed: int, verifying: float, rows: int) -> None:
         """A step's proposals took `proposing` seconds for `proposed` tokens, and verifying them
