@@ -123,6 +123,17 @@ def test_the_engine_flags_reach_the_engine(tiny_checkpoint, monkeypatch, capsys,
     assert seen == [expected] and capsys.readouterr().out
 
 
+@pytest.mark.parametrize(("flags", "budget"), [([], 256 + 8), (["--max-batched-tokens", "1000"], 1000)])
+def test_serve_builds_its_engine_with_the_step_budget(tiny_checkpoint, monkeypatch, flags, budget):
+    from gpt2engine import cli
+    from gpt2engine.server import serve
+
+    built = []
+    monkeypatch.setattr(serve, "serve", lambda build, *args, **kwargs: built.append(build()) or 0)
+    assert cli.main(["serve", "--model", str(tiny_checkpoint), "--max-batch", "8", *flags]) == 0
+    assert [engine.scheduler.max_batched_tokens for engine in built] == [budget]
+
+
 def test_generate_reads_stdin_and_prints_json(tiny_checkpoint, tiny_model):
     result = run_gpt2("generate", "-", "--json", "--model", str(tiny_checkpoint), *GREEDY_FLAGS,
                  stdin="A prompt from a pipe\n")

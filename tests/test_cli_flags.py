@@ -26,6 +26,7 @@ BAD_COMMAND_LINES = [
     (["--prefix-cache-mib", "inf"], "--prefix-cache-mib: must be a finite number >= 0"),
     (["--prefix-cache-mib", "lots"], "--prefix-cache-mib: invalid float value: 'lots'"),
     (["serve", "--replicas", "2", "--max-replicas", "3"], "--replicas is a fixed count"),
+    (["serve", "--max-batched-tokens", "0"], "--max-batched-tokens: must be a positive integer, got 0"),
     (["serve", "--min-replicas", "3", "--max-replicas", "2"], "--max-replicas 2 is below --min-replicas 3"),
 ]
 

@@ -93,6 +93,66 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_others_keep_decoding(tiny_mo
     assert long.prefilled == len(long.prompt_ids) and len(long.output_ids) == 1
 
 
+@pytest.mark.parametrize(("budget", "per_step"), [(None, [2, 2]), (200, [4]), (40, [1, 1, 1, 1])])
+def test_a_burst_of_prompts_is_prefilled_together_up_to_the_step_budget(tiny_model, budget, per_step):
+    """Four 30-token prompts arrive at once: the default budget (a 64-token piece and a token per
+    row: 68) takes two a step, 200 all four, 40 one (a piece always goes)."""
+    model, tokenizer = tiny_model
+    core = Engine(model, tokenizer, max_batch=4, prefill_chunk=64, max_batched_tokens=budget)
+    requests = [core.add_request(list(range(100 + i, 130 + i)), GenerationOptions(max_new_tokens=3))
+                for i in range(4)]
+    chunks = recorded_prefills(core)
+    while any(r.prefilled < len(r.prompt_ids) for r in requests):
+        core.step()
+        assert len(chunks) < 10
+    assert [len(step) for step in chunks] == per_step
+
+
+def test_decoding_rows_count_in_the_step_budget(tiny_model):
+    """With three rows decoding, a budget of 64 leaves 61 tokens: one 30-token prompt, and the
+    second in the next step; the decoding rows get a token every step."""
+    model, tokenizer = tiny_model
+    core = Engine(model, tokenizer, max_batch=5, prefill_chunk=64, max_batched_tokens=62)
+    running = [core.add_request("Hi", GenerationOptions(max_new_tokens=50, ignore_eos=True))
+               for _ in range(3)]
+    core.step()
+    new = [core.add_request(list(range(200 + i, 230 + i)), GenerationOptions(max_new_tokens=3))
+           for i in range(2)]
+    chunks = recorded_prefills(core)
+    for _ in range(2):
+        before = [len(r.output_ids) for r in running]
+        core.step()
+        assert [len(r.output_ids) for r in running] == [n + 1 for n in before]
+    assert chunks == [new[:1], new[1:]]  # 62 - 3 = 59 < 2 x 30
+
+
+def recorded_prefills(core: Engine) -> list[list]:
+    """The requests whose prompt pieces each later step of `core` computes."""
+    steps: list[list] = []
+    schedule = core.scheduler.schedule
+
+    def recording():
+        planned = schedule()
+        steps.append([chunk.request for chunk in planned.prefill])
+        return planned
+
+    core.scheduler.schedule = recording
+    return steps
+
+
+def test_the_step_budget_changes_no_output(tiny_model):
+    """Every request's tokens are the same whatever the budget: a prompt's pieces are computed alike."""
+    model, tokenizer = tiny_model
+    outputs = []
+    for budget in (1, 40, 10_000):
+        core = Engine(model, tokenizer, max_batch=3, prefill_chunk=8, max_batched_tokens=budget)
+        requests = [core.add_request(PROMPTS[i], options(i)) for i in range(len(PROMPTS))]
+        for _ in core.run(requests):
+            pass
+        outputs.append([r.output_ids for r in requests])
+    assert outputs[0] == outputs[1] == outputs[2]
+
+
 def test_abort_frees_the_row_for_the_next_request(tiny_model):
     model, tokenizer = tiny_model
     core = Engine(model, tokenizer, max_batch=1)

@@ -42,7 +42,11 @@ def add_serve_command(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--max-model-len", type=positive_int, metavar="L",
                        help="positions per cache row (default: the model's context)")
     serve.add_argument("--prefill-chunk", type=positive_int, default=DEFAULT_PREFILL_CHUNK, metavar="T",
-                       help="prompt tokens prefilled per step while others decode (default: %(default)s)")
+                       help="a prompt is prefilled in pieces of T tokens (the prefix cache's blocks; "
+                            "default: %(default)s)")
+    serve.add_argument("--max-batched-tokens", type=positive_int, metavar="N",
+                       help="tokens a step computes: one per decoding request, and as many waiting "
+                            "prompts' pieces as fit in the rest (default: a piece and a token per row)")
     serve.add_argument("--chat-template", metavar="FILE_OR_STRING", default=argparse.SUPPRESS,  # or gpt2's
                        help="the Jinja chat template of /v1/chat/completions, a file or the template "
                             "itself (default: the checkpoint's tokenizer_config.json chat_template or "
@@ -96,7 +100,7 @@ def run_serve(args: argparse.Namespace) -> int:
     def build_engine() -> Engine:
         return Engine(*load(args), max_batch=args.max_batch, max_queue=args.max_queue,
                       max_len=args.max_model_len, prefill_chunk=args.prefill_chunk,
-                      **engine_options(args))
+                      max_batched_tokens=args.max_batched_tokens, **engine_options(args))
 
     settings = Settings(model_name=args.served_model_name or args.model, api_key=args.api_key,
                         max_body_bytes=args.max_body_bytes, chat_template=args.chat_template,
@@ -118,6 +122,7 @@ def run_serve_on_ray(args: argparse.Namespace, settings) -> int:
     spec = ReplicaSpec(model=args.model, revision=args.revision, tokenizer=args.tokenizer,
                        device=args.device, dtype=args.dtype,
                        max_batch=args.max_batch, max_queue=args.max_queue, max_model_len=args.max_model_len,
-                       prefill_chunk=args.prefill_chunk, threads=args.cpus_per_replica, settings=settings,
+                       prefill_chunk=args.prefill_chunk, max_batched_tokens=args.max_batched_tokens,
+                       threads=args.cpus_per_replica, settings=settings,
                        replicas_wanted=scaling.replicas or scaling.min_replicas, **engine_options(args))
     return serve_on_ray(spec, scaling, args.host, args.port, args.ray_address, args.shutdown_timeout)

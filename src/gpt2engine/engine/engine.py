@@ -71,7 +71,7 @@ class Engine:
         max_queue: int = DEFAULT_MAX_QUEUE, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
         cuda_graphs: bool = True, prefix_cache_mib: float = DEFAULT_PREFIX_CACHE_MIB,
         speculative: str | GPT2 | None = None, speculative_tokens: int = DEFAULT_SPECULATIVE_TOKENS,
-        speculative_dtype: str = "auto",
+        speculative_dtype: str = "auto", max_batched_tokens: int | None = None,
     ) -> None:
         """`max_batch` cache rows of `max_len` positions (default: the model's context) each; on
         CUDA the decode step is captured as CUDA graphs unless not `cuda_graphs` (engine/graphs.py).
@@ -79,7 +79,8 @@ class Engine:
         requests that start the same way (engine/prefix_cache.py). `speculative`: "ngram" (prompt
         lookup), or a draft model of the same vocabulary (a GPT2, or a folder or Hub id loaded on the
         model's device in `speculative_dtype`), proposes up to `speculative_tokens` tokens a step,
-        which one step verifies (engine/speculative.py)."""
+        which one step verifies (engine/speculative.py). A step computes up to `max_batched_tokens`
+        tokens, decoding rows and prompt chunks together (engine/scheduler.py)."""
         check_vocabularies(model, tokenizer)
         if not prefix_cache_mib >= 0:
             raise GPT2EngineError(f"the prefix cache's size must be >= 0 MiB, got {prefix_cache_mib}")
@@ -87,7 +88,7 @@ class Engine:
         self.max_len = max_len or model.config.n_positions
         self.prefix_cache = (PrefixCache(prefill_chunk, int(prefix_cache_mib * 2**20))
                              if prefix_cache_mib else None)
-        self.scheduler = Scheduler(max_batch, max_queue, prefill_chunk, self.prefix_cache)
+        self.scheduler = Scheduler(max_batch, max_queue, prefill_chunk, self.prefix_cache, max_batched_tokens)
         self.runner = Runner(model, max_batch, self.max_len, tokenizer.vocab_size, cuda_graphs,
                              self.prefix_cache)
         self.requests: dict[str, Request] = {}
@@ -159,7 +160,8 @@ class Engine:
     def reset(self) -> None:
         """Drop every request (after Ctrl-C landed somewhere inside a step)."""
         s = self.scheduler
-        self.scheduler = Scheduler(s.max_batch, s.max_queue, s.prefill_chunk, self.prefix_cache)
+        self.scheduler = Scheduler(s.max_batch, s.max_queue, s.prefill_chunk, self.prefix_cache,
+                                   s.max_batched_tokens)
         if self.prefix_cache is not None:
             self.prefix_cache.unpin_all()
         self.requests.clear()

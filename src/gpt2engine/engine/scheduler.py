@@ -4,8 +4,11 @@ The scheduler owns the free-row list of the preallocated cache and the bounded w
 A row is held from admission to the end of its request; rows are handed out lowest first, so
 the rows in use stay packed at the front of the cache and one decode step covers rows 0..hi-1.
 A prompt enters the cache in chunks of `prefill_chunk` tokens at fixed offsets (0, C, 2C, ...),
-so the streams already decoding never wait more than about one chunk per step, and a prompt is
-computed in the same pieces whatever else is running: a request's output is its output alone.
+so a prompt is computed in the same pieces whatever else is running: a request's output is its
+output alone. A step computes up to `max_batched_tokens` tokens (vLLM's max_num_batched_tokens):
+one per decoding row, and the chunks of as many waiting prompts, oldest first, as fit in the rest
+(one chunk always, so prompts move on), so a burst of arrivals is prefilled together while the
+streams already decoding wait no longer than that budget's step.
 Before a request's next chunk, the prefix cache (prefix_cache.py) is asked for the chunks that
 follow what its row holds; those are copied in, not computed, and it goes on from there.
 """
@@ -50,11 +53,17 @@ class Schedule:
 
 class Scheduler:
     def __init__(
-        self, max_batch: int, max_queue: int, prefill_chunk: int, prefix_cache: PrefixCache | None = None
+        self, max_batch: int, max_queue: int, prefill_chunk: int, prefix_cache: PrefixCache | None = None,
+        max_batched_tokens: int | None = None,
     ) -> None:
-        if max_batch < 1 or max_queue < 0 or prefill_chunk < 1:
-            raise GPT2EngineError("max_batch and prefill_chunk must be >= 1, max_queue >= 0")
+        """`max_batched_tokens`: a step's tokens, decoding rows and prompt chunks together
+        (default: a chunk and a token per row, so a full batch still prefills a chunk a step)."""
+        max_batched_tokens = prefill_chunk + max_batch if max_batched_tokens is None else max_batched_tokens
+        if max_batch < 1 or max_queue < 0 or prefill_chunk < 1 or max_batched_tokens < 1:
+            raise GPT2EngineError("max_batch, prefill_chunk and max_batched_tokens must be >= 1, "
+                                  "max_queue >= 0")
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
+        self.max_batched_tokens = max_batched_tokens
         self.prefix_cache = prefix_cache  # its blocks are prefill chunks
         self.free_rows = list(range(max_batch))  # a heap: the lowest free row first
         self.waiting: deque[Request] = deque()
@@ -67,16 +76,17 @@ class Scheduler:
         self.waiting.append(request)
 
     def schedule(self) -> Schedule:
-        """Admit waiting requests into free rows, then pick this step's prefill chunks (about one
-        chunk's worth of tokens) and the requests that decode."""
+        """Admit waiting requests into free rows, then pick the requests that decode and this
+        step's prefill chunks (what the token budget leaves)."""
         admitted = []
         while self.waiting and self.free_rows:
             request = self.waiting.popleft()
             request.row, request.status = heapq.heappop(self.free_rows), Status.PREFILLING
             self.active[request.row] = request
             admitted.append(request)
+        decode = [r for r in self.active.values() if r.status is Status.DECODING]
         prefill: list[PrefillChunk] = []
-        budget = self.prefill_chunk
+        budget = self.max_batched_tokens - len(decode)
         for request in sorted(self.active.values(), key=lambda r: r.arrival):
             if request.status is not Status.PREFILLING:
                 continue
@@ -89,7 +99,6 @@ class Scheduler:
                 break
             prefill.append(PrefillChunk(request, start, stop, tuple(cached)))
             budget -= stop - start
-        decode = [r for r in self.active.values() if r.status is Status.DECODING]
         return Schedule(admitted, prefill, sorted(decode, key=lambda r: r.held_row))
 
     def cached_blocks(self, request: Request) -> list[Block]:

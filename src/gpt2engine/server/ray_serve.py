@@ -49,6 +49,7 @@ class ReplicaSpec:
     speculative: str | None = None
     speculative_tokens: int = DEFAULT_SPECULATIVE_TOKENS
     speculative_dtype: str = "auto"
+    max_batched_tokens: int | None = None
 
 
 class ReplicaHeader:
@@ -98,7 +99,8 @@ def application(spec: ReplicaSpec, scaling: Scaling, shutdown_timeout: float = D
                                  max_len=spec.max_model_len, prefill_chunk=spec.prefill_chunk,
                                  cuda_graphs=spec.cuda_graphs, prefix_cache_mib=spec.prefix_cache_mib,
                                  speculative=spec.speculative, speculative_tokens=spec.speculative_tokens,
-                                 speculative_dtype=spec.speculative_dtype)
+                                 speculative_dtype=spec.speculative_dtype,
+                                 max_batched_tokens=spec.max_batched_tokens)
             self.name = serve.get_replica_context().replica_id.unique_id
 
         def __serve_build_asgi_app__(self):
