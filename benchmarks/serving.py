@@ -1,13 +1,15 @@
 """Serving throughput and latency: `gpt2 serve` against llama.cpp's `llama-server --parallel 16`,
 same weights (our GGUF export of the same checkpoint), same load, in one run.
 
-Each server runs in its own process; the load is C concurrent clients (C = 1, 4, 16), each
-starting after a random delay and then sending streamed, greedy completions back to back:
-random token-id prompts of 16-64 tokens, 64 new tokens each (ignore_eos). Reported: aggregate
-generated tokens/s, time to first token p50/p99, inter-token latency p50 (per request: time
-between its first and last token over the tokens between them), and the ratios.
+Each server runs in its own process, with as many rows / slots as the most streams measured; the
+load is C concurrent clients (C = 1, 4, 16 by default), each starting after a random delay in the
+first half second and then sending streamed, greedy completions back to back: random token-id
+prompts of 16-64 tokens (or --prompt-tokens each), 64 new tokens each (ignore_eos). Reported:
+aggregate generated tokens/s, time to first token p50/p95/p99, inter-token latency p50 (per
+request: time between its first and last token over the tokens between them), and the ratios.
 
 Run: .venv/bin/python benchmarks/serving.py [--dtype float32|bfloat16] [--requests-per-client R]
+     [--streams 1,4,16] [--prompt-tokens N]
 llama-server: benchmarks/build_llama_server.sh builds it (about 10 minutes), or put it on PATH;
 without it, its rows say "missing".
 """
@@ -100,8 +102,13 @@ async def one_request(client: httpx.AsyncClient, url: str, prompt: list[int]) ->
     return first - started, (last - first) / (NEW_TOKENS - 1)
 
 
-async def load(url: str, clients: int, per_client: int, rng: random.Random) -> dict[str, float]:
-    prompts = [[rng.randrange(50000) for _ in range(rng.randint(16, 64))]
+def percentile(ordered: list[float], p: float) -> float:
+    return ordered[min(len(ordered) - 1, int(p * len(ordered)))]
+
+
+async def load(url: str, clients: int, per_client: int, rng: random.Random,
+               prompt_tokens: int | None = None) -> dict[str, float]:
+    prompts = [[rng.randrange(50000) for _ in range(prompt_tokens or rng.randint(16, 64))]
                for _ in range(clients * per_client)]
     delays = [rng.uniform(0, 0.5) for _ in range(clients)]
     results: list[tuple[float, float]] = []
@@ -120,7 +127,7 @@ async def load(url: str, clients: int, per_client: int, rng: random.Random) -> d
         elapsed = time.perf_counter() - started
     ttfts = sorted(r[0] for r in results)
     return {"tok_s": len(results) * NEW_TOKENS / elapsed, "ttft_p50": statistics.median(ttfts),
-            "ttft_p99": ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))],
+            "ttft_p95": percentile(ttfts, 0.95), "ttft_p99": percentile(ttfts, 0.99),
             "itl_p50": statistics.median(r[1] for r in results)}
 
 
@@ -135,40 +142,52 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", choices=sorted(GGUF_TYPES), default="float32",
                         help="weights of both servers (llama-server gets a GGUF of that type)")
+    parser.add_argument("--streams", default=",".join(map(str, CONCURRENCY)), help="concurrent clients")
+    parser.add_argument("--prompt-tokens", type=int, help="every prompt this long (default: 16-64)")
     args = parser.parse_args()
+    streams = [int(n) for n in args.streams.split(",")]
+    rows, context = str(max(streams)), max(256, (args.prompt_tokens or 0) + NEW_TOKENS)
     folder = gpt2_124m_checkpoint()
     env = {**os.environ, "OMP_NUM_THREADS": str(THREADS)}
     servers = {"gpt2engine": lambda port: [str(Path(sys.executable).parent / "gpt2"), "serve", "--model",
-                                           str(folder), "--port", str(port), "--max-batch", "16",
-                                           "--max-model-len", "256", "--dtype", args.dtype, "--quiet"]}
+                                           str(folder), "--port", str(port), "--max-batch", rows,
+                                           "--max-model-len", str(context), "--dtype", args.dtype, "--quiet"]}
     binary = llama_server()
     if binary:
         model = gguf_of(folder, args.dtype)
         servers["llama-server"] = lambda port: [binary, "-m", str(model), "--port", str(port), "--host",
-                                                "127.0.0.1", "--parallel", "16", "-c", str(16 * 256),
+                                                "127.0.0.1", "--parallel", rows,
+                                                "-c", str(int(rows) * context),
                                                 "-t", str(THREADS), "-tb", str(THREADS), "--no-webui"]
-    print(f"GPT-2 124M (random weights), {args.dtype}, {THREADS} threads each, {NEW_TOKENS} new tokens per "
-          f"request, greedy, {args.requests_per_client} requests per client; load before: {busy():.2f}")
+    print(f"GPT-2 124M (random weights), {args.dtype}, {THREADS} threads each, {rows} rows / slots, prompts "
+          f"of {args.prompt_tokens or '16-64'} tokens, {NEW_TOKENS} new tokens per request, greedy, "
+          f"{args.requests_per_client} requests per client; load before: {busy():.2f}")
     results: dict[str, dict[int, dict[str, float]]] = {}
     for name, command in servers.items():
         print(f"measuring {name}...", flush=True)
         port = free_port()
         with running(command(port), port, env) as url:
-            results[name] = {c: asyncio.run(load(url, c, args.requests_per_client, random.Random(args.seed)))
-                             for c in CONCURRENCY}
+            results[name] = {c: asyncio.run(load(url, c, args.requests_per_client, random.Random(args.seed),
+                                                 args.prompt_tokens)) for c in streams}
     if not binary:
         print("llama-server: missing (benchmarks/build_llama_server.sh builds it)")
-    print(f"{'server':>13} {'streams':>7} {'tokens/s':>9} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8}")
+    print(f"{'server':>13} {'streams':>7} {'tokens/s':>9} {'TTFT p50':>9} {'TTFT p95':>9} {'TTFT p99':>9} "
+          f"{'ITL p50':>8}")
     for name, by_streams in results.items():
         for c, r in by_streams.items():
             print(f"{name:>13} {c:>7} {r['tok_s']:>9.1f} {r['ttft_p50'] * 1000:>7.0f}ms "
-                  f"{r['ttft_p99'] * 1000:>7.0f}ms {r['itl_p50'] * 1000:>6.1f}ms")
+                  f"{r['ttft_p95'] * 1000:>7.0f}ms {r['ttft_p99'] * 1000:>7.0f}ms "
+                  f"{r['itl_p50'] * 1000:>6.1f}ms")
     ours = results["gpt2engine"]
-    print(f"gpt2engine: 16 streams / 1 stream aggregate = x{ours[16]['tok_s'] / ours[1]['tok_s']:.2f}")
+    if len(streams) > 1:
+        print(f"gpt2engine: {streams[-1]} streams / {streams[0]} aggregate = "
+              f"x{ours[streams[-1]]['tok_s'] / ours[streams[0]]['tok_s']:.2f}")
     if "llama-server" in results:
-        for c in CONCURRENCY:
-            ratio = ours[c]["tok_s"] / results["llama-server"][c]["tok_s"]
-            print(f"gpt2engine / llama-server at {c:>2} streams: tokens/s x{ratio:.2f}")
+        for c in streams:
+            theirs = results["llama-server"][c]
+            print(f"gpt2engine / llama-server at {c:>2} streams: tokens/s "
+                  f"x{ours[c]['tok_s'] / theirs['tok_s']:.2f}, TTFT p95 "
+                  f"x{ours[c]['ttft_p95'] / theirs['ttft_p95']:.2f} (below 1: ours is sooner)")
     print(f"load after: {busy():.2f}")
 
 
