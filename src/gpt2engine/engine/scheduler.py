@@ -24,7 +24,7 @@ from gpt2engine.engine.request import Request, Status
 from gpt2engine.errors import GPT2EngineError
 
 DEFAULT_MAX_QUEUE = 64  # requests waiting for a cache row
-DEFAULT_PREFILL_CHUNK = 256  # prompt tokens prefilled per step while other rows decode
+DEFAULT_PREFILL_CHUNK = 256  # a prompt is prefilled in pieces of this many tokens (the prefix cache's blocks)
 DEFAULT_SPECULATIVE_TOKENS = 8  # the most tokens proposed for a request a step (speculative.py)
 SPECULATIVE_BUDGET = 32  # positions a step verifies, all rows together, before speculation backs off
 
