@@ -188,7 +188,7 @@ class Runner:
         its own row, so their logits are plain decoding's bits; elsewhere a request with proposals
         feeds them in one forward pass of its row (the same logits within rounding)."""
         if self.fused_step is not None:
-            return self.fused(requests, drafts)
+            return list(self.fused(requests, drafts).split([1 + len(drafts.get(r, [])) for r in requests]))
         plain = [r for r in requests if r not in drafts]
         by_request = dict(zip(plain, self.decode(plain) if plain else [], strict=True))
         return [self.feed_row(r, [r.output_ids[-1], *drafts[r]]) if r in drafts else by_request[r][None]
@@ -202,10 +202,10 @@ class Runner:
         ids = torch.tensor([tokens], device=device)
         return self.model(ids, positions, view, start + len(tokens), hooks)[0]
 
-    def fused(self, requests: list[Request], drafts: dict[Request, list[int]]) -> list[torch.Tensor]:
+    def fused(self, requests: list[Request], drafts: dict[Request, list[int]]) -> torch.Tensor:
         """One fused step: each request's last token and its proposals, a step row each, in its
         cache row (the taps of a request that captures or steers, which never has proposals) ->
-        per request (1 + k, V)."""
+        the logits of every step row, request after request (sum of 1 + k, V)."""
         assert self.fused_step is not None
         feeds = [[r.output_ids[-1], *drafts.get(r, [])] for r in requests]
         tokens = [t for feed in feeds for t in feed]
@@ -218,12 +218,12 @@ class Runner:
         for r, first in zip(requests, firsts, strict=True):
             if r.hooks:
                 r.hooks.keep_step(capture, first, r.position)
-        return list(logits.split([len(feed) for feed in feeds]))
+        return logits
 
     def decode_batch(self, requests: list[Request]) -> torch.Tensor:
         """Feed each request's last token (rows 0..hi-1 in one batch) -> their logits (n, V)."""
         if self.fused_step is not None:  # the whole step in one call of our kernels
-            return torch.cat(self.fused(requests, {}))
+            return self.fused(requests, {})
         hi = max(r.held_row for r in requests) + 1
         tokens = [0] * hi
         positions = [self.max_len - 1] * hi  # rows not decoding write the never-read last slot
